@@ -1,0 +1,92 @@
+"""Multi-head self-attention with a fused and an explicit path, and attention masks.
+
+Legend: B batch, N tokens, D model dim, h heads, d head dim (D = h*d).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .taps import Tap
+
+
+def local_window_mask(grid_size: int, window: int, cls_token: bool = True) -> torch.Tensor:
+    """A (N, N) bool mask, True where query i may attend to key j; N = [1+] G*G.
+
+    Each patch sees the patches of the ``window`` x ``window`` square centred on it (clipped at the
+    border). The CLS token sees every token, and every patch sees the CLS token, so global
+    information still flows through it.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be an odd k >= 1; got {window}")
+    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # (G*G,)
+    cols = torch.arange(grid_size).repeat(grid_size)
+    radius = window // 2
+    near = ((rows[:, None] - rows[None, :]).abs() <= radius) & ((cols[:, None] - cols[None, :]).abs() <= radius)
+    if not cls_token:
+        return near
+    n = grid_size * grid_size + 1
+    mask = torch.ones(n, n, dtype=torch.bool)
+    mask[1:, 1:] = near
+    return mask
+
+
+def _check_mask(mask: torch.Tensor, n: int) -> None:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"expected a bool attention mask (True = may attend); got dtype {mask.dtype}")
+    if mask.shape[-2:] != (n, n):
+        raise ValueError(f"expected an attention mask ending in ({n}, {n}); got {tuple(mask.shape)}")
+    if not torch.compiler.is_compiling() and not mask.any(-1).all():
+        raise ValueError("every query must be allowed to attend to at least one key; the mask has an all-False row")
+
+
+class Attention(nn.Module):
+    """(B, N, D) -> (B, N, D): multi-head scaled dot-product self-attention.
+
+    One ``Linear(D, 3*D)`` gives q, k and v. ``fused=True`` runs
+    ``F.scaled_dot_product_attention``; ``fused=False`` runs the explicit path, whose
+    probabilities come out of one named module, ``self.attend``, where the recorder reads them.
+    Both paths compute the same function.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0, dropout: float = 0.0,
+        fused: bool = False,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim must be divisible by heads: got dim={dim}, heads={heads}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = self.head_dim**-0.5
+        self.fused = fused
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q, self.k, self.v = Tap(), Tap(), Tap()  # (B, h, N, d) each
+        self.scores = Tap()  # (B, h, N, N), scaled and masked, before the softmax
+        self.attend = nn.Softmax(dim=-1)  # (B, h, N, N), rows sum to 1
+        self.attn_drop = nn.Dropout(attn_dropout)
+        self.merge = Tap()  # (B, N, D), the heads concatenated
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); ``mask`` is bool, broadcastable to (B, h, N, N), True = may attend."""
+        B, N, D = x.shape
+        if mask is not None:
+            _check_mask(mask, N)
+        # 'b n (three h d) -> three b h n d'
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.q(qkv[0]), self.k(qkv[1]), self.v(qkv[2])  # (B, h, N, d)
+        if self.fused:
+            p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, N, d)
+        else:
+            scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            attn = self.attend(self.scores(scores))  # (B, h, N, N)
+            out = self.attn_drop(attn) @ v  # (B, h, N, d)
+        out = self.merge(out.transpose(1, 2).reshape(B, N, D))  # 'b h n d -> b n (h d)'
+        return self.proj_drop(self.proj(out))

@@ -1,0 +1,113 @@
+"""The ViT's hyper-parameters in one dataclass, validated on construction.
+
+Shape legend used throughout vitlab: B batch, C channels, H/W height/width,
+P patch size, N tokens, D model dim, h heads, d head dim, L layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+POOLS = ("cls", "mean")
+POS_EMBEDS = ("learned", "sincos", "none")
+NORMS = ("pre", "post")
+PATCH_EMBEDS = ("conv", "linear")
+ATTN_IMPLS = ("auto", "fused", "explicit")
+
+# Below this many tokens the explicit matmul attention beats
+# F.scaled_dot_product_attention on a CPU (measured with
+# benchmarks/attention_crossover.py); "auto" picks explicit up to it.
+EXPLICIT_ATTENTION_MAX_TOKENS = 256
+
+
+def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+
+
+@dataclass
+class ViTConfig:
+    """Everything that defines a vitlab ViT. The defaults are an MNIST-sized model."""
+
+    image_size: int = 28  # side of the square input image, in pixels
+    patch_size: int = 7  # side of a square patch; image_size must be a multiple
+    in_channels: int = 1  # C: 1 for MNIST, 3 for RGB photos
+    num_classes: int = 10  # size of the classification head's output
+    dim: int = 64  # D: width of every token
+    depth: int = 6  # L: number of encoder blocks
+    heads: int = 4  # h: attention heads; dim must be a multiple, d = dim // heads
+    mlp_dim: int = 128  # hidden width of each block's MLP
+    pool: str = "cls"  # "cls": the CLS token's output; "mean": mean of the patch tokens
+    pos_embed: str = "learned"  # "learned" | "sincos" (2-D, fixed) | "none"
+    norm: str = "pre"  # "pre": ViT block (norm inside the residual); "post": original Transformer
+    patch_embed: str = "conv"  # "conv": Conv2d(k=s=P) | "linear": Linear on flattened patches
+    dropout: float = 0.0  # dropout on embeddings, attention output and MLP
+    attn_dropout: float = 0.0  # dropout on the attention probabilities
+    drop_path: float = 0.0  # stochastic depth rate of the last block (0 at the first, linear between)
+    qkv_bias: bool = True  # bias in the fused q, k, v projection
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon (timm, torchvision: 1e-6; Hugging Face: 1e-12)
+    window: int = 0  # k > 0: each patch attends to its k x k neighbourhood only (k odd); 0: full attention
+    attn_impl: str = "auto"  # "fused" (F.scaled_dot_product_attention), "explicit", or "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size must be divisible by patch_size: got image_size={self.image_size}, "
+                f"patch_size={self.patch_size} (remainder {self.image_size % self.patch_size})"
+            )
+        if self.dim % self.heads:
+            raise ValueError(f"dim must be divisible by heads: got dim={self.dim}, heads={self.heads}")
+        _choose("pool", self.pool, POOLS)
+        _choose("pos_embed", self.pos_embed, POS_EMBEDS)
+        _choose("norm", self.norm, NORMS)
+        _choose("patch_embed", self.patch_embed, PATCH_EMBEDS)
+        _choose("attn_impl", self.attn_impl, ATTN_IMPLS)
+        if self.pos_embed == "sincos" and self.dim % 4:
+            raise ValueError(f"sincos position embeddings need dim divisible by 4; got dim={self.dim}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {value!r}")
+        if self.window < 0 or (self.window and self.window % 2 == 0):
+            raise ValueError(f"window must be 0 (full attention) or an odd k >= 1; got {self.window}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches along each side: image_size // patch_size."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_tokens(self) -> int:
+        """N: the patches plus the CLS token."""
+        return self.num_patches + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether attention runs through F.scaled_dot_product_attention by default."""
+        if self.attn_impl == "auto":
+            return self.num_tokens > EXPLICIT_ATTENTION_MAX_TOKENS
+        return self.attn_impl == "fused"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ViTConfig":
+        """Build a config from a dict, naming any key that is not a field."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ViTConfig fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**values)
