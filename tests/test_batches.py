@@ -1,0 +1,42 @@
+"""In-memory batches: every image once per pass, a seeded order, normalised, augmented per batch."""
+
+import torch
+from tiny_digits import tiny_digits
+
+from vitlab.batches import TensorBatches, make_batches, num_images
+from vitlab.data import MNIST_MEAN, MNIST_STD
+
+
+def _order(batches):
+    return torch.cat([labels for _, labels in batches])
+
+
+def test_each_pass_sees_every_image_once_in_a_new_seeded_order():
+    data = tiny_digits(50)
+    data.labels = torch.arange(50)  # labels as image ids
+    batches = make_batches(data, 16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert isinstance(batches, TensorBatches) and len(batches) == 4
+    first_pass = list(batches)
+    assert [len(labels) for _, labels in first_pass] == [16, 16, 16, 2]
+    first, second = _order(first_pass), _order(batches)
+    assert sorted(first.tolist()) == list(range(50)) and sorted(second.tolist()) == list(range(50))
+    assert not torch.equal(first, second)
+    again = make_batches(data, 16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_order(again), first)
+
+
+def test_batches_are_normalised_and_augmentation_moves_them():
+    data = tiny_digits(8)
+    (plain, labels), = make_batches(data, 8)
+    assert plain.shape == (8, 1, 28, 28) and plain.dtype == torch.float32
+    torch.testing.assert_close(plain[:, 0], (data.images.float() / 255 - MNIST_MEAN) / MNIST_STD)
+    assert torch.equal(labels, data.labels)
+    (moved, _), = make_batches(data, 8, augment=True, aug_generator=torch.Generator().manual_seed(0))
+    assert moved.shape == plain.shape and not torch.allclose(moved, plain)
+
+
+def test_a_dataloader_passes_through_untouched():
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(10, 1, 28, 28), torch.zeros(10)))
+    assert make_batches(loader, 4, shuffle=True, augment=True) is loader
+    assert num_images(loader) == 10
+    assert num_images(tiny_digits(7)) == 7

@@ -1,0 +1,24 @@
+"""History: columns for plots, the best epoch, and a round trip through plain dicts."""
+
+import pytest
+
+from vitlab.history import History
+
+
+def test_columns_best_epoch_and_round_trip():
+    h = History(
+        [{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.7}, {"epoch": 3, "val_accuracy": 0.7}],
+        [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
+    )
+    assert h.epoch_column("val_accuracy") == [0.5, 0.7, 0.7]
+    assert h.step_column("loss") == [2.0, 1.5]
+    assert h.best_epoch()["epoch"] == 2  # the earliest of equals
+    assert History.from_dict(h.to_dict()) == h
+    assert History().best_epoch() is None
+
+
+def test_a_wrong_column_or_dict_names_what_there_is():
+    with pytest.raises(KeyError, match=r"no epoch column 'val_acc'; the epoch rows have \['epoch', 'val_accuracy'\]"):
+        History([{"epoch": 1, "val_accuracy": 0.5}]).epoch_column("val_acc")
+    with pytest.raises(ValueError, match=r"keys \['epochs', 'steps'\]; got \['rows'\]"):
+        History.from_dict({"rows": []})

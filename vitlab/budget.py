@@ -1,0 +1,77 @@
+"""Time budgets: how many optimizer steps fit in a number of seconds, measured before training starts.
+
+``fit(time_budget=s)`` plans its schedule once, before the first step: ``time_steps`` times a few
+complete training steps (batch, forward, backward, clipping, AdamW update) and a validation forward on
+one batch, then puts the weights back and leaves the random generators as they were; ``plan_steps``
+turns those times into a total number of steps, validation included. The warmup and cosine then run
+over that fixed number of steps, as in an epoch-bounded run, and checkpoints keep the plan, so a
+resumed run follows the same curve exactly. The plan is an estimate: ``fit`` also stops when the
+budget is spent, ending the epoch in progress early.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .optim import param_groups
+
+TIMING_STEPS = 3  # timed training steps (after one untimed step that pays for allocation and compilation)
+
+
+def plan_steps(seconds: float, step_seconds: float, eval_seconds_per_epoch: float, steps_per_epoch: int) -> int:
+    """-> how many optimizer steps fit in ``seconds`` when each epoch also spends its validation time; >= 1."""
+    if step_seconds <= 0 or steps_per_epoch < 1:
+        raise ValueError(f"expected step_seconds > 0 and steps_per_epoch >= 1; got {step_seconds}, {steps_per_epoch}")
+    per_step = step_seconds + eval_seconds_per_epoch / steps_per_epoch
+    return max(1, int(seconds / per_step))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(
+    model: nn.Module, forward: Callable, batches: Iterable, label_smoothing: float = 0.0,
+    clip_grad: float | None = None,
+) -> tuple[float, float]:
+    """-> (seconds per training step, seconds per validation image), leaving no trace on the model.
+
+    Each timed step takes the first batch of ``batches`` afresh, so batching and augmentation count.
+    The weights are restored, the gradients cleared and the random generators reset afterwards, so
+    the run that follows is the one it would have been without the measurement.
+    """
+    device = next(model.parameters()).device
+    weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-6)  # the real update's cost, thrown away after
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.train()
+        times = []
+        for _ in range(1 + TIMING_STEPS):
+            start = time.perf_counter()
+            images, labels = (t.to(device) for t in next(iter(batches)))
+            loss = F.cross_entropy(forward(images), labels, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        model.eval()
+        with torch.no_grad():
+            model(images)
+            start = time.perf_counter()
+            model(images)
+            _sync(device)
+            eval_per_image = (time.perf_counter() - start) / len(labels)
+    model.load_state_dict(weights)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return sum(times[1:]) / TIMING_STEPS, eval_per_image

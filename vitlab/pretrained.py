@@ -1,0 +1,28 @@
+"""The MNIST ViT that ships inside the package, for notebooks that want a trained model without training one."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from .checkpoint import load_checkpoint
+from .model import ViT
+
+WEIGHTS = ("weights", "mnist_vit.pt")  # inside the vitlab package
+TRAIN_COMMAND = "python -m vitlab.train --time-budget 1800 --out vitlab/weights/mnist_vit.pt"
+
+
+def load_pretrained_mnist() -> ViT:
+    """-> the packaged MNIST ViT, in eval mode; it expects images normalised by ``vitlab.data.normalize_batch``.
+
+    Read from ``vitlab/weights/mnist_vit.pt`` through ``importlib.resources``, so it works from an
+    installed package and from an editable checkout alike, and loaded safely (``load_checkpoint``).
+    Raises ``FileNotFoundError`` with the command that creates the file when it is missing.
+    """
+    resource = resources.files("vitlab").joinpath(*WEIGHTS)
+    if not resource.is_file():
+        raise FileNotFoundError(
+            f"no pretrained weights at {resource}; create them from the repository root with: {TRAIN_COMMAND}"
+        )
+    with resources.as_file(resource) as path:
+        model, _ = load_checkpoint(path)
+    return model.eval()

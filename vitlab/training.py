@@ -1,0 +1,297 @@
+"""Training: one epoch of AdamW steps, evaluation, and ``fit``, which runs the whole recipe.
+
+Every mean that comes back (loss, accuracy) is weighted by batch size, so a smaller last batch counts
+for its images and no more. In-memory data is batched by ``vitlab.batches``; a DataLoader is used as it
+is. How a time budget becomes a schedule is told in ``vitlab.budget``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import make_batches, num_images
+from .budget import plan_steps, time_steps
+from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from .history import History
+from .optim import make_optimizer
+
+RECIPE_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "seed")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators (every CUDA device too) and make cuDNN deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    clip_grad: float | None = None,
+    epoch: int = 1,
+    first_step: int = 0,
+    forward: Callable | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> dict:
+    """batches of (images, labels) -> {"loss", "accuracy", "n", "steps"}: one optimizer step per batch.
+
+    ``loss`` (the minimised, label-smoothed cross-entropy) and ``accuracy`` are means over the ``n``
+    images, each batch weighted by its size. ``forward`` replaces ``model(images)`` (a compiled model);
+    ``on_step`` gets {"step", "epoch", "loss", "lr", "n"} after each step, ``step`` counting on from
+    ``first_step``. Raises ``FloatingPointError`` naming the epoch, step and value of a non-finite loss,
+    before that loss can touch the weights.
+    """
+    model.train()
+    forward = model if forward is None else forward
+    device = _device(model)
+    loss_sum, correct, n, step = 0.0, 0, 0, first_step
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        step += 1
+        lr = optimizer.param_groups[0]["lr"]
+        logits = forward(images)  # (B, num_classes)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"non-finite training loss {value} at epoch {epoch}, step {step} (lr {lr:.3g}); "
+                "a lower lr, a smaller clip_grad or checking the inputs for NaN usually helps"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        size = len(labels)
+        loss_sum += value * size
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        n += size
+        if on_step is not None:
+            on_step({"step": step, "epoch": epoch, "loss": value, "lr": lr, "n": size})
+    if n == 0:
+        raise ValueError("expected at least one batch to train on; got an empty iterable")
+    return {"loss": loss_sum / n, "accuracy": correct / n, "n": n, "steps": step - first_step}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, batch_size: int = 512) -> dict:
+    """dataset or DataLoader -> {"loss", "accuracy", "n"}: cross-entropy and accuracy over every image.
+
+    Runs in eval mode (dropout and stochastic depth off) and restores the model's mode afterwards.
+    The loss is summed per image and divided by ``n``, so the batch size cannot bias it.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    loss_sum, correct, n = 0.0, 0, 0
+    try:
+        for images, labels in make_batches(data, batch_size, device=device):
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)  # (B, num_classes)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == labels).sum().item()
+            n += len(labels)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("expected at least one image to evaluate; got an empty dataset")
+    return {"loss": loss_sum / n, "accuracy": correct / n, "n": n}
+
+
+def _until(batches: Iterable, deadline: float) -> Iterator:
+    """Yield batches while the clock is before ``deadline`` (the first one always)."""
+    for i, batch in enumerate(batches):
+        if i and time.perf_counter() >= deadline:
+            return
+        yield batch
+
+
+def _recipe_warnings(saved: dict, recipe: dict) -> None:
+    changed = [f"{k}: checkpoint {saved.get(k)!r}, now {recipe[k]!r}" for k in RECIPE_KEYS if saved.get(k) != recipe[k]]
+    if changed:
+        warnings.warn(
+            "resuming with settings that differ from the checkpoint's (" + "; ".join(changed) + "); the optimizer "
+            "and schedule continue from their saved state, so this is not the run that was interrupted",
+            stacklevel=3,
+        )
+
+
+def _fit_state(checkpoint: dict, path) -> dict:
+    state = checkpoint["extra"].get("fit")
+    if state is None or checkpoint["optimizer"] is None or checkpoint["scheduler"] is None:
+        raise ValueError(
+            f"{path} holds no training state to resume from (no optimizer, schedule or batch order); "
+            "resume from the last.pt that fit writes into checkpoint_dir"
+        )
+    return state
+
+
+def fit(
+    model: nn.Module,
+    train,
+    val=None,
+    *,
+    epochs: int | None = None,
+    time_budget: float | None = None,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    warmup: float = 0.05,
+    label_smoothing: float = 0.1,
+    clip_grad: float | None = 1.0,
+    augment: bool = True,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    callback: Callable[[History], None] | None = None,
+    resume: str | Path | None = None,
+    data_source: str | dict | None = None,
+    eval_batch_size: int = 512,
+) -> History:
+    """Train ``model`` in place on ``train`` -> History (see ``vitlab.history``); the model ends in eval mode.
+
+    ``train`` / ``val``: in-memory data (``DigitDataset``, ``(images, labels)``) or a DataLoader (see
+    ``vitlab.batches``; ``augment`` applies to in-memory data only). The run ends after ``epochs``
+    epochs or when ``time_budget`` seconds are spent, whichever comes first; give at least one (a
+    budget is planned into a number of steps, see ``vitlab.budget``). The recipe: AdamW, no decay on
+    biases, norms, CLS token and position embeddings; a linear warmup to ``lr`` over the first
+    ``warmup`` fraction of the steps, then a cosine down to 0 at the last; cross-entropy with
+    ``label_smoothing``; gradient norm clipped at ``clip_grad`` (None: not clipped); dropout and
+    stochastic depth from the model's config. ``seed`` seeds every generator and the batch order.
+
+    ``checkpoint_dir``: ``last.pt`` after every epoch, ``best.pt`` whenever validation accuracy improves.
+    ``resume``: a ``last.pt`` (or ``best.pt``) written by fit. Model, optimizer, schedule, history, batch
+    order and random generators continue where it stopped: with the same arguments the result is the
+    one of the run that was never interrupted (on the same kind of device). ``callback(history)`` runs
+    after each epoch. ``compile=True`` trains through ``torch.compile(model)``: it pays on a GPU for runs
+    of minutes; on a CPU a small model spends longer compiling than it saves. A non-finite loss raises
+    ``FloatingPointError`` naming the epoch and step.
+    """
+    if epochs is None and time_budget is None:
+        raise ValueError("give epochs or time_budget (seconds), or both; got neither")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be >= 1; got {epochs}")
+    if time_budget is not None and time_budget <= 0:
+        raise ValueError(f"time_budget must be > 0 seconds; got {time_budget}")
+    start = time.perf_counter()
+    recipe = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
+              "label_smoothing": label_smoothing, "clip_grad": clip_grad, "augment": augment, "seed": seed}
+    seed_everything(seed)
+    device = _device(model)
+    generator = torch.Generator().manual_seed(seed)  # the batch order
+    aug_generator = torch.Generator(device=device).manual_seed(seed + 1)  # the augmentation draws
+    train_batches = make_batches(train, batch_size, shuffle=True, generator=generator, augment=augment,
+                                 aug_generator=aug_generator, device=device)
+    steps_per_epoch = len(train_batches)
+    forward = torch.compile(model) if compile else model
+
+    checkpoint = None
+    if resume is not None:
+        _, checkpoint = load_checkpoint(resume, model)
+        state = _fit_state(checkpoint, resume)
+        _recipe_warnings(state["recipe"], recipe)
+        total = state["total_steps"]
+        if time_budget is None and epochs * steps_per_epoch != total:
+            warnings.warn(
+                f"resuming with epochs={epochs} ({epochs * steps_per_epoch} steps) where the checkpoint planned "
+                f"{total} steps: the cosine is stretched to the new end from here on", stacklevel=2,
+            )
+            total = epochs * steps_per_epoch
+    elif time_budget is not None:
+        probe = make_batches(train, batch_size, augment=augment, device=device,
+                             aug_generator=torch.Generator(device=device).manual_seed(seed))
+        step_s, eval_s = time_steps(model, forward, probe, label_smoothing, clip_grad)
+        eval_s_per_epoch = eval_s * num_images(val) if val is not None else 0.0
+        total = plan_steps(time_budget - (time.perf_counter() - start), step_s, eval_s_per_epoch, steps_per_epoch)
+        if epochs is not None:
+            total = min(total, epochs * steps_per_epoch)
+    else:
+        total = epochs * steps_per_epoch
+
+    optimizer, scheduler = make_optimizer(model, lr, weight_decay, total, warmup)
+    history, epoch, step, time_before = History(), 0, 0, 0.0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scheduler.lr_lambdas[0].total_steps = total
+        history = History.from_dict(checkpoint["history"])
+        epoch, step, time_before = state["epoch"], state["step"], state["time"]
+        generator.set_state(state["generator"])
+        aug_generator.set_state(state["aug_generator"])
+        set_rng_state(checkpoint["rng"])
+    deadline = start + (time_budget - time_before if time_budget is not None else math.inf)
+    best = history.best_epoch()
+    best_accuracy = best["val_accuracy"] if best else -math.inf
+
+    def elapsed() -> float:
+        return time_before + time.perf_counter() - start
+
+    bar = tqdm(total=total, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
+    postfix = {}
+
+    def on_step(row: dict) -> None:
+        history.steps.append({"step": row["step"], "epoch": row["epoch"], "loss": row["loss"], "lr": row["lr"],
+                              "time": elapsed()})
+        postfix.update(epoch=row["epoch"], loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+
+    try:
+        while step < total and time.perf_counter() < deadline:
+            epoch += 1
+            batches = _until(islice(train_batches, total - step), deadline)
+            result = train_one_epoch(model, batches, optimizer, scheduler, label_smoothing=label_smoothing,
+                                     clip_grad=clip_grad, epoch=epoch, first_step=step, forward=forward,
+                                     on_step=on_step)
+            step += result["steps"]
+            row = {"epoch": epoch, "step": step, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
+                   "n_train": result["n"]}
+            if val is not None:
+                scores = evaluate(model, val, eval_batch_size)
+                row.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
+                postfix["val_acc"] = f"{scores['accuracy']:.2%}"
+            row.update(lr=history.steps[-1]["lr"], time=elapsed())
+            history.epochs.append(row)
+            improved = val is not None and row["val_accuracy"] > best_accuracy
+            best_accuracy = max(best_accuracy, row.get("val_accuracy", -math.inf))
+            if checkpoint_dir is not None:
+                fit_state = {"epoch": epoch, "step": step, "time": row["time"], "total_steps": total,
+                             "generator": generator.get_state(), "aug_generator": aug_generator.get_state(),
+                             "recipe": recipe}
+                parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, history=history,
+                             data_source=data_source, extra={"fit": fit_state})
+                save_checkpoint(Path(checkpoint_dir) / "last.pt", **parts)
+                if improved:
+                    save_checkpoint(Path(checkpoint_dir) / "best.pt", **parts)
+            if callback is not None:
+                callback(history)
+    finally:
+        bar.close()
+        model.eval()
+    return history
