@@ -33,11 +33,17 @@ def local_window_mask(grid_size: int, window: int, cls_token: bool = True) -> to
     return mask
 
 
-def _check_mask(mask: torch.Tensor, n: int) -> None:
+def _check_mask(mask: torch.Tensor, batch: int, heads: int, n: int) -> None:
     if mask.dtype != torch.bool:
         raise ValueError(f"expected a bool attention mask (True = may attend); got dtype {mask.dtype}")
     if mask.shape[-2:] != (n, n):
         raise ValueError(f"expected an attention mask ending in ({n}, {n}); got {tuple(mask.shape)}")
+    leading = tuple(mask.shape[:-2])
+    if len(leading) > 2 or any(size not in (1, full) for size, full in zip(leading[::-1], (heads, batch))):
+        raise ValueError(
+            f"expected an attention mask broadcastable to (B, h, N, N) = ({batch}, {heads}, {n}, {n}); "
+            f"got {tuple(mask.shape)}"
+        )
     if not torch.compiler.is_compiling() and not mask.any(-1).all():
         raise ValueError("every query must be allowed to attend to at least one key; the mask has an all-False row")
 
@@ -75,7 +81,7 @@ class Attention(nn.Module):
         """(B, N, D) -> (B, N, D); ``mask`` is bool, broadcastable to (B, h, N, N), True = may attend."""
         B, N, D = x.shape
         if mask is not None:
-            _check_mask(mask, N)
+            _check_mask(mask, B, self.heads, N)
         # 'b n (three h d) -> three b h n d'
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = self.q(qkv[0]), self.k(qkv[1]), self.v(qkv[2])  # (B, h, N, d)

@@ -99,5 +99,5 @@ class PositionEmbedding(nn.Module):
         if self.kind == "learned":
             self.weight = nn.Parameter(resample_pos_embed(self.weight.data, new_grid))
         elif self.kind == "sincos":
-            self.weight = sincos_2d(new_grid, self.dim).to(self.weight.device)
+            self.weight = sincos_2d(new_grid, self.dim).to(self.weight)
         self.grid_size = new_grid

@@ -65,7 +65,8 @@ class ViT(nn.Module):
 
     def _set_mask(self) -> None:
         c = self.config
-        mask = local_window_mask(c.grid_size, c.window) if c.window else None
+        device = self.head.weight.device  # set_image_size may run after the model has moved
+        mask = local_window_mask(c.grid_size, c.window).to(device) if c.window else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def check_images(self, images: torch.Tensor) -> None:

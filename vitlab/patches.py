@@ -90,6 +90,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D)."""
+        _check_images(images, self.patch_size)
         if self.kind == "conv":
             return self.proj(images).flatten(2).transpose(1, 2)  # (B, D, H/P, W/P) -> (B, N, D)
         return self.proj(self.patches(patchify(images, self.patch_size)))  # (B, N, P*P*C) -> (B, N, D)
