@@ -1,0 +1,241 @@
+"""The recorder: what it records, that recording changes nothing, and that it never leaves a hook behind."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import vitlab
+from vitlab.attention import local_window_mask
+from vitlab.model import ViT
+from vitlab.record import Recording, record
+
+SMALL = dict(image_size=12, patch_size=4, in_channels=2, num_classes=5, dim=16, depth=3, heads=4, mlp_dim=24)
+B, L, H, N, D = 2, 3, 4, 10, 16
+
+
+def small(**overrides):
+    torch.manual_seed(0)
+    return ViT(**{**SMALL, **overrides}).eval()
+
+
+def images(b=B, size=12):
+    return torch.randn(b, 2, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def hooks_left(model):
+    return [(name, kind) for name, m in model.named_modules()
+            for kind in ("_forward_hooks", "_forward_pre_hooks") if getattr(m, kind)]
+
+
+def test_record_is_exported():
+    assert vitlab.record is record and vitlab.Recording is Recording
+
+
+def test_attentions_shape_and_rows_sum_to_one():
+    model = small()
+    with record(model) as rec:
+        model(images())
+    assert rec.attentions.shape == (B, L, H, N, N)
+    assert_close(rec.attentions.sum(-1), torch.ones(B, L, H, N))
+    assert (rec.attentions >= 0).all()
+    assert not rec.attentions.requires_grad
+
+
+def test_attentions_match_the_softmax_of_q_k_by_hand():
+    model = small()
+    x = images()
+    with record(model, keep_all=True) as rec:
+        model(x)
+    q, k = rec.steps["blocks.1.attn.q"], rec.steps["blocks.1.attn.k"]
+    by_hand = torch.softmax(q @ k.transpose(-2, -1) / (D // H) ** 0.5, dim=-1)
+    assert_close(rec.attentions[:, 1], by_hand)
+
+
+def test_recording_does_not_change_the_logits_on_the_explicit_path():
+    model = small()
+    assert not any(b.attn.fused for b in model.blocks)
+    x = images()
+    plain = model(x)
+    with record(model) as rec:
+        recorded = model(x)
+    assert torch.equal(recorded, plain)
+    assert torch.equal(rec.logits, plain)
+
+
+def test_recording_a_fused_model_switches_to_explicit_and_restores_it():
+    model = small(attn_impl="fused")
+    x = images()
+    plain = model(x)
+    with record(model) as rec:
+        assert not any(b.attn.fused for b in model.blocks)
+        recorded = model(x)
+    assert all(b.attn.fused for b in model.blocks)
+    assert_close(recorded, plain)
+    assert rec.attentions.shape == (B, L, H, N, N)
+
+
+def test_recording_restores_a_mix_of_paths():
+    model = small()
+    model.blocks[1].attn.fused = True
+    with record(model):
+        assert [b.attn.fused for b in model.blocks] == [False, False, False]
+    assert [b.attn.fused for b in model.blocks] == [False, True, False]
+
+
+def test_no_hook_is_left_after_the_context():
+    model = small()
+    assert hooks_left(model) == []
+    with record(model, keep_all=True):
+        assert len(hooks_left(model)) > L  # sanity: the check below would see hooks if any were left
+        model(images())
+    assert hooks_left(model) == []
+
+
+def test_no_hook_is_left_after_an_exception_in_the_with_block():
+    model = small(attn_impl="fused")
+    with pytest.raises(KeyError):
+        with record(model):
+            model(images())
+            raise KeyError("user code failed")
+    assert hooks_left(model) == []
+    assert all(b.attn.fused for b in model.blocks)
+
+
+def test_no_hook_is_left_after_an_exception_in_the_forward_pass():
+    model = small(attn_impl="fused")
+    with pytest.raises(ValueError, match="expected 2 channel"):
+        with record(model):
+            model(torch.randn(1, 3, 12, 12))  # wrong channel count
+    assert hooks_left(model) == []
+    assert all(b.attn.fused for b in model.blocks)
+    with pytest.raises(ValueError, match="ending in"):
+        with record(model):
+            model(images(), torch.ones(4, 4, dtype=torch.bool))  # raises inside the first block
+    assert hooks_left(model) == []
+    assert all(b.attn.fused for b in model.blocks)
+
+
+def test_tokens_equal_running_the_blocks_by_hand():
+    model = small()
+    x = images()
+    with record(model) as rec:
+        model(x)
+    assert rec.tokens.shape == (B, L, N, D)
+    with torch.no_grad():
+        h = model.pos_embed(model.cls_token(model.patch_embed(x)))
+        assert torch.equal(rec.embeddings, h)
+        for i, block in enumerate(model.blocks):
+            h = block(h)
+            assert torch.equal(rec.tokens[:, i], h)
+    assert torch.equal(rec.images, x)
+    assert torch.equal(rec.patches, vitlab.patchify(x, 4))
+
+
+def test_shape_trace_order():
+    model = small(depth=2)
+    with record(model) as rec:
+        model(images())
+    names = [name for name, _ in rec.shapes]
+    assert rec.shapes[0] == ("input", (B, 2, 12, 12))
+    assert rec.shapes[-1] == ("logits", (B, 5))
+    assert names[:5] == ["input", "patch_embed.proj", "patch_embed", "cls_token", "pos_embed"]
+    steps = ["q", "k", "v", "scores", "attend", "merge"]
+    positions = []
+    for i in range(2):
+        positions += [names.index(f"blocks.{i}.attn.{s}") for s in steps]
+        assert names.index(f"blocks.{i}.attn.qkv") < names.index(f"blocks.{i}.attn.q")
+        assert names.index(f"blocks.{i}.attn.merge") < names.index(f"blocks.{i}.attn.proj") < names.index(f"blocks.{i}")
+    assert positions == sorted(positions)  # q, k, v, scores, attend, merge; block 0 before block 1
+    shapes = dict(rec.shapes)
+    assert shapes["blocks.0.attn.q"] == (B, H, N, D // H)
+    assert shapes["blocks.0.attn.scores"] == (B, H, N, N)
+    assert shapes["blocks.0.attn.merge"] == (B, N, D)
+    assert names.index("pool") < names.index("head") < names.index("logits")
+    table = rec.format_shapes()
+    assert table.splitlines()[2].split() == ["input", "(2,", "2,", "12,", "12)"]
+    assert len(table.splitlines()) == len(rec.shapes) + 2
+
+
+def test_seed_numbers_224_image_16_pixel_patches():
+    torch.manual_seed(0)
+    model = ViT(image_size=224, patch_size=16, in_channels=3, dim=768, depth=1, heads=12, mlp_dim=64).eval()
+    with torch.no_grad(), record(model) as rec:
+        model(torch.randn(1, 3, 224, 224))
+    shapes = dict(rec.shapes)
+    assert shapes["input"] == (1, 3, 224, 224)
+    assert shapes["patch_embed.proj"] == (1, 768, 14, 14)  # the conv: 14 x 14 x 768
+    assert shapes["patch_embed"] == (1, 196, 768)  # 196 tokens of 768
+    assert shapes["cls_token"] == (1, 197, 768)  # 197 after the CLS token
+    assert shapes["blocks.0.attn.q"] == (1, 12, 197, 64)
+    assert rec.attentions.shape == (1, 1, 12, 197, 197)
+
+
+def test_recording_twice_keeps_only_the_last_pass():
+    model = small()
+    with record(model) as rec:
+        model(images(b=3))
+        model(images(b=1))
+    assert rec.attentions.shape == (1, L, H, N, N)
+    assert rec.tokens.shape == (1, L, N, D)
+    assert rec.logits.shape == (1, 5)
+    assert [name for name, _ in rec.shapes].count("input") == 1
+    with record(model) as again:
+        model(images(b=2))
+    assert again.attentions.shape[0] == 2
+    assert rec.attentions.shape[0] == 1  # an earlier recording is not touched
+
+
+def test_nothing_recorded_yet_raises():
+    model = small()
+    with record(model) as rec:
+        pass
+    for name in ("attentions", "tokens", "patches"):
+        with pytest.raises(RuntimeError, match="nothing recorded yet"):
+            getattr(rec, name)
+
+
+def test_record_rejects_other_modules():
+    with pytest.raises(ValueError, match="expected a vitlab ViT .*; got Sequential"):
+        with record(torch.nn.Sequential(torch.nn.Linear(2, 2))):
+            pass
+    with pytest.raises(ValueError, match="got Block"):
+        with record(vitlab.Block(16, 4, 24)):
+            pass
+
+
+def test_keep_all_fills_steps():
+    model = small()
+    x = images()
+    with record(model) as rec:
+        model(x)
+    assert rec.steps == {}
+    with record(model, keep_all=True) as rec:
+        logits = model(x)
+    assert set(rec.steps) == {name for name, _ in rec.shapes} - {"logits"}
+    assert torch.equal(rec.steps["head"], logits)
+    assert torch.equal(rec.steps["blocks.2"], rec.tokens[:, 2])
+    assert torch.equal(rec.steps["blocks.0.attn.attend"], rec.attentions[:, 0])
+
+
+def test_window_mask_probabilities_are_exactly_zero_where_masked():
+    model = small(window=1)
+    with record(model) as rec:
+        model(images())
+    mask = local_window_mask(3, 1).expand(B, L, H, N, N)
+    assert (rec.attentions[~mask] == 0).all()
+    assert (rec.attentions[mask] > 0).all()
+    assert_close(rec.attentions.sum(-1), torch.ones(B, L, H, N))
+
+
+def test_recording_in_training_mode_records_probabilities_before_dropout():
+    model = small(attn_dropout=0.5).train()
+    with record(model) as rec:
+        model(images())
+    assert_close(rec.attentions.sum(-1), torch.ones(B, L, H, N))
+
+
+def test_recording_keeps_gradients_flowing():
+    model = small()
+    with record(model):
+        model(images()).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
