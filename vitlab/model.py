@@ -36,11 +36,11 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig | None = None, **overrides) -> None:
         super().__init__()
         if config is None:
-            config = ViTConfig(**overrides)
-        elif overrides:
-            config = replace(config, **overrides)
-        if not isinstance(config, ViTConfig):
+            config = ViTConfig.from_dict(overrides)
+        elif not isinstance(config, ViTConfig):
             raise ValueError(f"expected a ViTConfig; got {type(config).__name__}")
+        elif overrides:
+            config = ViTConfig.from_dict({**config.to_dict(), **overrides})
         self.config = config
         c = config
         self.input = Tap()  # (B, C, H, W), the images as they came in
@@ -48,7 +48,8 @@ class ViT(nn.Module):
         self.cls_token = ClsToken(c.dim)  # (B, N, D)
         self.pos_embed = PositionEmbedding(c.pos_embed, c.grid_size, c.dim)  # (B, N, D)
         self.pos_drop = nn.Dropout(c.dropout)
-        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
+        # Stochastic depth grows linearly from 0 at the first block to drop_path at the last.
+        rates = [c.drop_path * i / (c.depth - 1) for i in range(c.depth)] if c.depth > 1 else [c.drop_path]
         self.blocks = nn.ModuleList(
             Block(
                 c.dim, c.heads, c.mlp_dim, norm=c.norm, dropout=c.dropout, attn_dropout=c.attn_dropout,
@@ -119,11 +120,13 @@ class ViT(nn.Module):
 
     def set_image_size(self, image_size: int) -> None:
         """Accept image_size x image_size inputs from now on, resampling the position embeddings
-        (bicubic for learned ones, recomputed for sincos; the CLS entry kept)."""
+        (bicubic for learned ones, recomputed for sincos; the CLS entry kept). A learned embedding becomes
+        a new parameter: build the optimizer after calling this."""
         config = replace(self.config, image_size=image_size)  # validates divisibility
         self.pos_embed.resample(config.grid_size)
         self.config = config
         self._set_mask()
+        self.set_attention(config.fused_attention)  # "auto" may pick the other path for the new token count
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
