@@ -1,0 +1,28 @@
+# Two commands do all the set-up (README):
+#   make lab    create .venv, install vitlab with everything, open the notebooks in JupyterLab
+#   make test   create .venv if needed, then run every test: unit tests, notebooks (nbval), browser
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: lab test setup benchmarks
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -r requirements.txt
+	touch $(STAMP)
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+# VITLAB_FAST=1: the training notebook trains a few steps on a tiny subset, so nbval stays quick.
+test: setup
+	VITLAB_FAST=1 $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
+
+benchmarks: setup
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/time_to_accuracy.py --test-dir ../shared/data/mnist
