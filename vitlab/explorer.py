@@ -1,0 +1,674 @@
+"""The attention explorer: pick a digit, a layer, a head and a view, and see where the ViT looks.
+
+    explorer = AttentionExplorer(model, images, labels)    # images (M, C, H, W), as the model takes them
+    fig = explorer.figure(index=3, view="cls", layer=2, head="all")
+    display(explorer.widget())                              # the same, driven by ipywidgets
+
+Every figure shows the view on the left and the model's softmax probabilities as bars on the right.
+The views (``VIEWS``):
+
+- ``"cls"``: what the CLS token attends to, row 0 of a layer's attention, over the image;
+- ``"matrix"``: the whole N x N attention matrix of a layer (token 0 is CLS);
+- ``"query"``: where one query patch looks, its row of the attention, over the image;
+- ``"rollout"``: attention rollout through all layers (``vitlab.explain.attention_rollout``).
+
+``head`` is a head index or ``"all"``, a grid of every head of the layer (like bertviz's model view).
+A digit is recorded once (one ``vitlab.record`` per digit, kept in a small cache); redrawing with
+another layer, head or view reuses the recording.
+
+Also here, for the notebook's "traps of attention capture": ``head_weights`` (nn.MultiheadAttention
+averages the heads by default), ``naive_attend_hook`` (a hook on the fused path sees nothing) and
+``leaky_hooks`` / ``count_hooks`` (hooks registered without keeping their handles never go away);
+and, for "Bring a pretrained ViT", ``load_photo_vit`` and ``photo_batch``.
+
+Legend: M images in the set, B batch, C channels, H/W height/width, P patch size, G grid side in
+patches, N tokens (1 CLS + G*G patches), D model dim, L layers, h heads, K classes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import socket
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import ipywidgets as widgets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from IPython.display import Image, display
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import nn
+
+from .explain import HEAD_FUSIONS, attention_rollout, cls_rollout_map, upsample_patch_map
+from .record import record
+
+VIEWS = ("cls", "matrix", "query", "rollout")
+VIEW_LABELS = {
+    "cls": "CLS \u2192 patches", "matrix": "attention matrix", "query": "one query patch", "rollout": "rollout",
+}
+VIEW_TIPS = {
+    "cls": "row 0: what the CLS token takes from each patch",
+    "matrix": "the whole N x N attention of the layer; rows are queries, columns keys",
+    "query": "the row of one query patch: where that patch looks",
+    "rollout": "attention rollout through all layers, heads fused",
+}
+ALL_HEADS = "all"
+MAX_BARS = 10  # up to this many classes get one bar each; with more, the top TOP_CLASSES are shown
+TOP_CLASSES = 5
+
+
+# --- Predictions and mistakes -------------------------------------------------------------------
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(M, C, H, W) -> (M, K): the model's softmax probabilities, computed batch by batch without gradients."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images of shape (M, C, H, W); got {got}")
+    device = _device(model)
+    chunks = [model(images[i:i + batch_size].to(device)).softmax(dim=-1).cpu()
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks)
+
+
+def find_mistakes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(M, C, H, W), (M,) -> (k,) int64: the indices, ascending, of the images whose predicted class is not their label.
+
+    The model runs as it is: call ``model.eval()`` first so that dropout does not change the answer.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.shape != images.shape[:1]:
+        raise ValueError(f"expected one label per image, shape ({len(images)},); got {tuple(labels.shape)}")
+    predicted = predict_proba(model, images, batch_size).argmax(dim=-1)  # (M,)
+    return torch.nonzero(predicted != labels.cpu()).flatten()
+
+
+# --- What a view shows ---------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}")
+
+
+def view_maps(
+    attentions: torch.Tensor, grid_size: int, view: str = "cls", layer: int = 0, head: int | str = 0,
+    query: int = 0, head_fusion: str = "mean", discard_ratio: float = 0.0,
+) -> torch.Tensor:
+    """(L, h, N, N) -> (k, G, G), or (k, N, N) for ``view="matrix"``: the maps a view shows, one per head.
+
+    k is h for ``head="all"`` and 1 otherwise (and 1 for ``"rollout"``, which fuses the heads of
+    every layer with ``head_fusion`` and ``discard_ratio`` and ignores ``layer`` and ``head``).
+    ``query`` is a patch index, row-major over the G x G grid (token ``query + 1``).
+    """
+    if not isinstance(attentions, torch.Tensor) or attentions.ndim != 4:
+        got = tuple(attentions.shape) if isinstance(attentions, torch.Tensor) else type(attentions).__name__
+        raise ValueError(f"expected one image's attentions of shape (L, h, N, N); got {got}")
+    L, h, N, _ = attentions.shape
+    if N != grid_size * grid_size + 1:
+        raise ValueError(f"expected N = 1 + {grid_size}*{grid_size} = {grid_size ** 2 + 1} tokens (CLS + patches); "
+                         f"got N = {N}")
+    _check_choice("view", view, VIEWS)
+    if view == "rollout":
+        rollout = attention_rollout(attentions[None], head_fusion, discard_ratio)  # (1, N, N)
+        return cls_rollout_map(rollout, grid_size)  # (1, G, G)
+    _check_choice("layer", layer, range(L))
+    _check_choice("head", head, (ALL_HEADS, *range(h)))
+    maps = attentions[layer] if head == ALL_HEADS else attentions[layer, head][None]  # (k, N, N)
+    if view == "matrix":
+        return maps
+    if view == "cls":
+        rows = maps[:, 0, 1:]  # (k, G*G)
+    else:
+        _check_choice("query", query, range(grid_size * grid_size))
+        rows = maps[:, query + 1, 1:]
+    return rows.reshape(-1, grid_size, grid_size)  # (k, G, G)
+
+
+def figure_png(fig: Figure, dpi: int = 80) -> bytes:
+    """Figure -> PNG bytes (no 'Software' stamp, so the same figure gives the same bytes)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _as_picture(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) or (H, W[, 3]) -> (H, W) or (H, W, 3) floats in [0, 1] for imshow, min-max scaled."""
+    image = torch.as_tensor(image).detach().float().cpu()
+    if image.ndim == 3 and image.shape[0] in (1, 3):
+        image = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+    low, high = image.min(), image.max()
+    return ((image - low) / (high - low).clamp_min(1e-12)).numpy()
+
+
+def _draw_maps(fig: Figure, picture: np.ndarray, maps: torch.Tensor, view: str, titles: list[str],
+               query: int | None) -> None:
+    """Draw the k maps in a grid on the left 62% of ``fig`` (a fixed layout: no layout engine, so redraws are fast)."""
+    k = len(maps)
+    cols = math.ceil(math.sqrt(k))
+    rows = math.ceil(k / cols)
+    matrix = view == "matrix"
+    bottom, top, gap = (0.1, 0.88, 0.35) if matrix else (0.03, 0.88, 0.15)
+    width, height = fig.get_size_inches()
+    side = (top - bottom) * height / (rows + gap * (rows - 1))  # inches per square map
+    span = min(0.62, (cols + gap * (cols - 1)) * side / width)  # centre the grid on the left part
+    left = max(0.02, 0.33 - span / 2) + (0.04 if matrix else 0.0)
+    grid = fig.add_gridspec(rows, cols, left=left, right=left + span, bottom=bottom, top=top, wspace=gap, hspace=gap)
+    size = picture.shape[:2]
+    for index, (values, title) in enumerate(zip(maps.float(), titles)):
+        ax = fig.add_subplot(grid[index // cols, index % cols])
+        peak = max(float(values.max()), 1e-12)
+        ax.set_title(title, fontsize=8, pad=2)
+        if matrix:
+            ax.imshow(values.numpy(), cmap="viridis", vmin=0.0, vmax=peak)
+            n = values.shape[-1]
+            ticks = [0] + list(range(4, n, 4)) if n <= 32 else [0]
+            labels = ["CLS" if t == 0 else str(t) for t in ticks]
+            ax.set_xticks(ticks, labels, fontsize=6)
+            ax.set_yticks(ticks, labels, fontsize=6)
+            if index % cols == 0:
+                ax.set_ylabel("query token", fontsize=7)
+            if index // cols == rows - 1:
+                ax.set_xlabel("key token", fontsize=7)
+            continue
+        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+        ax.imshow(upsample_patch_map(values, size).numpy(), cmap="inferno", alpha=0.6, vmin=0.0, vmax=peak)
+        if query is not None:  # outline the query patch, in the picture's pixels
+            grid_size = values.shape[-1]
+            row, col = divmod(query, grid_size)
+            cell_h, cell_w = size[0] / grid_size, size[1] / grid_size
+            ax.add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h,
+                                   fill=False, edgecolor="cyan", linewidth=2))
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def _draw_bars(ax, probs: torch.Tensor, label: int | None, class_names: list[str]) -> None:
+    probs = probs.float()
+    predicted = int(probs.argmax())
+    if len(probs) <= MAX_BARS:
+        colors = ["#b0b0b0"] * len(probs)
+        if label is not None and label != predicted:
+            colors[predicted] = "#d62728"  # a wrong prediction in red
+        if label is not None:
+            colors[label] = "#2ca02c"  # the right answer in green
+        ax.bar(range(len(probs)), probs.numpy(), color=colors)
+        ax.set_xticks(range(len(probs)), class_names, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("probability")
+    else:
+        top = probs.topk(TOP_CLASSES)
+        names = [class_names[i][:22] for i in top.indices.tolist()][::-1]
+        colors = ["#2ca02c" if i == label else "#b0b0b0" for i in top.indices.tolist()][::-1]
+        ax.barh(range(TOP_CLASSES), top.values.numpy()[::-1], color=colors)
+        ax.set_yticks(range(TOP_CLASSES), names, fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("probability")
+    verdict = f"predicted {class_names[predicted]} ({100 * float(probs[predicted]):.0f}%)"
+    ax.set_title(verdict if label is None else f"label {class_names[label]}, {verdict}", fontsize=9)
+
+
+# --- The explorer ----------------------------------------------------------------------------------
+
+
+class Recorded(NamedTuple):
+    """One image's recorded forward pass."""
+
+    attentions: torch.Tensor  # (L, h, N, N), rows sum to 1
+    probs: torch.Tensor  # (K,), the softmax of the logits
+
+
+class AttentionExplorer:
+    """Figures of where a vitlab ViT attends, for one image of a set at a time.
+
+    ``images`` (M, C, H, W) are what the model takes (normalised); ``labels`` (M,) may be None
+    (then there are no mistakes to find). ``display_images`` ((M, H, W) or (M, H, W, 3)) are drawn
+    instead of the min-max scaled inputs, e.g. a photo before its normalisation. ``class_names``
+    default to "0", "1", ... The model runs as it is: call ``model.eval()`` first.
+    """
+
+    def __init__(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
+        class_names: list[str] | None = None, display_images: torch.Tensor | None = None, cache_size: int = 16,
+    ) -> None:
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(model, "blocks"):
+            raise ValueError(f"expected a vitlab ViT (convert others with vitlab.interop); got {type(model).__name__}")
+        expected = f"(M, {config.in_channels}, {config.image_size}, {config.image_size})"
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1:] != (
+                config.in_channels, config.image_size, config.image_size):
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"expected images of shape {expected}, as the model takes them; got {got}")
+        if labels is not None:
+            labels = torch.as_tensor(labels).long()
+            if labels.shape != images.shape[:1]:
+                raise ValueError(f"expected one label per image, shape ({len(images)},); got {tuple(labels.shape)}")
+        if display_images is not None and len(display_images) != len(images):
+            raise ValueError(f"expected one display image per image ({len(images)}); got {len(display_images)}")
+        names = [str(i) for i in range(config.num_classes)] if class_names is None else list(class_names)
+        if len(names) != config.num_classes:
+            raise ValueError(f"expected {config.num_classes} class names (config.num_classes); got {len(names)}")
+        self.model = model
+        self.images = images
+        self.labels = labels
+        self.class_names = names
+        self.display_images = display_images
+        self.grid_size = config.grid_size
+        self.patch_size = config.patch_size
+        self.num_layers = config.depth
+        self.num_heads = config.heads
+        self.cache_size = cache_size
+        self.forward_passes = 0  # recorded forward passes so far: one per digit not in the cache
+        self._cache: OrderedDict[int, Recorded] = OrderedDict()
+        self._mistakes: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _check_index(self, index: int) -> None:
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < len(self):
+            raise ValueError(f"index must be an int in [0, {len(self) - 1}]; got {index!r}")
+
+    def recorded(self, index: int) -> Recorded:
+        """-> Recorded(attentions (L, h, N, N), probs (K,)) of image ``index``: recorded once, then cached."""
+        self._check_index(index)
+        index = int(index)
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        with torch.no_grad(), record(self.model) as rec:
+            logits = self.model(self.images[index:index + 1].to(_device(self.model)))  # (1, K)
+        self.forward_passes += 1
+        result = Recorded(rec.attentions[0].float().cpu(), logits[0].softmax(dim=-1).float().cpu())
+        self._cache[index] = result
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return result
+
+    def maps(self, index: int, view: str = "cls", layer: int = 0, head: int | str = 0, query: int = 0,
+             head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
+        """-> (k, G, G) or (k, N, N): what ``figure`` draws for these settings (see ``view_maps``)."""
+        return view_maps(self.recorded(index).attentions, self.grid_size, view, layer, head, query, head_fusion,
+                         discard_ratio)
+
+    def picture(self, index: int) -> np.ndarray:
+        """-> (H, W) or (H, W, 3) floats in [0, 1]: image ``index`` as the figures draw it."""
+        self._check_index(index)
+        source = self.display_images if self.display_images is not None else self.images
+        return _as_picture(source[index])
+
+    def figure(self, index: int = 0, view: str = "cls", layer: int = 0, head: int | str = 0, query: int = 0,
+               head_fusion: str = "mean", discard_ratio: float = 0.0, fig: Figure | None = None) -> Figure:
+        """-> Figure: the view of image ``index`` (left) beside the model's probabilities (right).
+
+        In the view's axes the attention map is the last image (``ax.images[-1]``); over a picture it
+        is drawn on top of it. Returns ``fig``, or a new Figure (not registered with pyplot).
+        """
+        maps = self.maps(index, view, layer, head, query, head_fusion, discard_ratio)
+        probs = self.recorded(index).probs
+        fig = fig if fig is not None else Figure(figsize=(9, 4.2))
+        heads = range(self.num_heads) if head == ALL_HEADS else [head]
+        if view == "rollout":
+            titles = [f"{head_fusion} over heads, discard {discard_ratio:.2f}"]
+            heading = "attention rollout through all layers: what reaches CLS"
+        else:
+            titles = [f"head {k}" for k in heads]
+            what = f"query patch (row {query // self.grid_size}, col {query % self.grid_size})" \
+                if view == "query" else VIEW_LABELS[view]
+            heading = f"layer {layer}, {'all heads' if head == ALL_HEADS else f'head {head}'}: {what}"
+        _draw_maps(fig, self.picture(index), maps, view, titles, query if view == "query" else None)
+        fig.text(0.33, 0.97, f"#{index}  {heading}", ha="center", va="top", fontsize=10)
+        label = None if self.labels is None else int(self.labels[index])
+        many = len(probs) > MAX_BARS  # horizontal bars with class names need room on the left
+        _draw_bars(fig.add_axes((0.8 if many else 0.7, 0.12, 0.18 if many else 0.28, 0.76)), probs, label,
+                   self.class_names)
+        return fig
+
+    def png(self, index: int = 0, dpi: int = 80, **settings) -> bytes:
+        """-> PNG bytes of ``figure(index, **settings)``."""
+        return figure_png(self.figure(index, **settings), dpi=dpi)
+
+    @property
+    def mistakes(self) -> torch.Tensor:
+        """(k,) int64: the indices of the misclassified images (``find_mistakes``, computed once)."""
+        if self.labels is None:
+            raise ValueError("expected labels to find mistakes; this explorer was made with labels=None")
+        if self._mistakes is None:
+            self._mistakes = find_mistakes(self.model, self.images, self.labels)
+        return self._mistakes
+
+    def next_mistake(self, after: int = -1) -> int | None:
+        """-> the first misclassified index after ``after``, wrapping around to the start; None if there is none."""
+        mistakes = self.mistakes
+        if len(mistakes) == 0:
+            return None
+        later = mistakes[mistakes > after]
+        return int(later[0] if len(later) else mistakes[0])
+
+    def widget(self, **initial) -> "ExplorerPanel":
+        """-> the ipywidgets panel driving this explorer (``build_panel``); display it with ``display(...)``."""
+        return build_panel(self, **initial)
+
+
+# --- The widget panel --------------------------------------------------------------------------------
+
+
+def build_panel(explorer: AttentionExplorer, index: int = 0, view: str = "cls", layer: int = 0,
+                head: int | str = ALL_HEADS, query: int = 0, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                height: int = 350) -> "ExplorerPanel":
+    """-> an ipywidgets VBox: the controls above an Output of fixed ``height`` pixels showing ``explorer.figure``.
+
+    The controls are attributes of the panel: ``digit``, ``mistake`` (the "Show me a mistake"
+    button), ``layer``, ``head``, ``view``, ``query``, ``fusion``, ``discard``, ``status``; the
+    Output is ``out``; the last figure drawn and its PNG are ``figure`` and ``png``.
+    """
+    return ExplorerPanel(explorer, index, view, layer, head, query, head_fusion, discard_ratio, height)
+
+
+class ExplorerPanel(widgets.VBox):
+    """The attention explorer's controls above its output; the wiring only, the drawing is ``explorer.figure``."""
+
+    def __init__(self, explorer: AttentionExplorer, index: int = 0, view: str = "cls", layer: int = 0,
+                 head: int | str = ALL_HEADS, query: int = 0, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                 height: int = 350) -> None:
+        super().__init__()
+        self.explorer = explorer
+        self.figure: Figure | None = None  # the last figure drawn
+        self.png = b""  # and its PNG, as displayed in ``out``
+        self.renders = 0
+        G = explorer.grid_size
+        wide = {"description_width": "initial"}
+        self.digit = widgets.IntSlider(value=index, min=0, max=len(explorer) - 1, description="digit",
+                                       continuous_update=False)
+        self.mistake = widgets.Button(description="Show me a mistake", icon="search",
+                                      disabled=explorer.labels is None, layout=widgets.Layout(width="auto"))
+        self.layer = widgets.IntSlider(value=layer, min=0, max=explorer.num_layers - 1, description="layer",
+                                       continuous_update=False)
+        self.head = widgets.Dropdown(
+            options=[("all heads", ALL_HEADS)] + [(f"head {k}", k) for k in range(explorer.num_heads)],
+            value=head, description="head")
+        self.view = widgets.ToggleButtons(options=[(VIEW_LABELS[v], v) for v in VIEWS], value=view,
+                                          tooltips=[VIEW_TIPS[v] for v in VIEWS], style={"button_width": "auto"})
+        self.query = widgets.Dropdown(options=[(f"row {r}, col {c}", r * G + c) for r in range(G) for c in range(G)],
+                                      value=query, description="query patch", style=wide)
+        self.fusion = widgets.Dropdown(options=HEAD_FUSIONS, value=head_fusion, description="head fusion",
+                                       style=wide)
+        self.discard = widgets.FloatSlider(value=discard_ratio, min=0.0, max=0.95, step=0.05,
+                                           description="discard ratio", readout_format=".2f",
+                                           continuous_update=False, style=wide)
+        self.status = widgets.Label()
+        for name in ("digit", "mistake", "layer", "head", "view", "query", "fusion", "discard", "status"):
+            getattr(self, name).add_class(f"vitlab-explorer-{name}")  # stable handles for the browser test
+        controls = {"index": self.digit, "view": self.view, "layer": self.layer, "head": self.head,
+                    "query": self.query, "head_fusion": self.fusion, "discard_ratio": self.discard}
+        self.out = widgets.interactive_output(self._show, controls)
+        self.out.layout.height = f"{height}px"
+        self.out.layout.overflow = "hidden"
+        self.out.add_class("vitlab-explorer-out")
+        self.mistake.on_click(self._next_mistake)
+        self.view.observe(self._enable, "value")
+        self._enable()
+        ui = widgets.VBox([
+            widgets.HBox([self.digit, self.mistake, self.status]),
+            widgets.HBox([self.layer, self.head]),
+            self.view,
+            widgets.HBox([self.query, self.fusion, self.discard]),
+        ])
+        self.children = [ui, self.out]
+        self.add_class("vitlab-explorer")
+
+    def _show(self, **settings) -> None:
+        self.figure = self.explorer.figure(**settings)
+        self.png = figure_png(self.figure)
+        self.renders += 1
+        display(Image(data=self.png, format="png"))
+
+    def _enable(self, change=None) -> None:
+        """Grey out the controls that the selected view ignores."""
+        view = self.view.value
+        self.layer.disabled = self.head.disabled = view == "rollout"
+        self.query.disabled = view != "query"
+        self.fusion.disabled = self.discard.disabled = view != "rollout"
+
+    def _next_mistake(self, button=None) -> None:
+        found = self.explorer.next_mistake(self.digit.value)
+        if found is None:
+            self.status.value = f"no mistakes: the model gets all {len(self.explorer)} right"
+            return
+        mistakes = self.explorer.mistakes
+        self.status.value = f"mistake {int((mistakes < found).sum()) + 1} of {len(mistakes)}"
+        self.digit.value = found  # redraws through the digit slider's observer
+
+
+# --- The traps of attention capture -----------------------------------------------------------------
+
+
+@torch.no_grad()
+def head_weights(mha: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, D) -> ((B, N, N), (B, h, N, N)): nn.MultiheadAttention's weights with its defaults, and per head.
+
+    With its defaults (``need_weights=True, average_attn_weights=True``) the module returns the
+    weights averaged over the heads; ``average_attn_weights=False`` keeps one map per head.
+    ``mha`` must be ``batch_first=True``; this is self-attention (query = key = value = x).
+    """
+    if not mha.batch_first:
+        raise ValueError("expected nn.MultiheadAttention(..., batch_first=True), to take x as (B, N, D); got "
+                         "batch_first=False")
+    _, averaged = mha(x, x, x)  # the defaults: need_weights=True, average_attn_weights=True
+    _, per_head = mha(x, x, x, need_weights=True, average_attn_weights=False)
+    return averaged, per_head
+
+
+def count_hooks(model: nn.Module) -> int:
+    """-> the number of forward and forward-pre hooks registered on ``model`` and all its submodules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@torch.no_grad()
+def naive_attend_hook(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """-> what a plain forward hook on each block's ``attn.attend`` (the softmax) saw during one forward pass.
+
+    The hooks' handles are kept and removed afterwards, so this leaves the model as it was. On the
+    explicit path it captures L tensors (B, h, N, N); on the fused path
+    (``model.set_attention(True)``) the softmax module never runs, and it captures nothing.
+    """
+    captured = []
+    handles = [block.attn.attend.register_forward_hook(lambda module, args, out: captured.append(out))
+               for block in model.blocks]
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def leaky_hooks(model: nn.Module, images: torch.Tensor, pattern: str = "attn") -> list[torch.Tensor]:
+    """-> what hooks on every module whose name contains ``pattern`` captured in one forward pass. LEAKS HOOKS.
+
+    The pattern of many public snippets: the handles that ``register_forward_hook`` returns are
+    dropped, so the hooks stay on the model for good (``count_hooks`` grows with every call, and
+    every later forward pass keeps appending to lists nobody reads), and a name substring matches
+    far more than the attention probabilities (q, k, v, the scores before the softmax, ...).
+    Use it on a throwaway copy of a model.
+    """
+    captured = []
+    for name, module in model.named_modules():
+        if pattern in name:
+            module.register_forward_hook(lambda module, args, out: captured.append(out))  # handle dropped
+    model(images)
+    return captured
+
+
+# --- Bring a pretrained ViT ----------------------------------------------------------------------------
+
+PHOTO_TIMM_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
+PHOTO_HF_MODELS = ("google/vit-base-patch16-224",)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PhotoViT:
+    """A pretrained ImageNet ViT converted to vitlab, with what its inputs need."""
+
+    model: nn.Module  # a vitlab ViT in eval mode
+    mean: tuple[float, float, float]  # the normalisation it was trained with
+    std: tuple[float, float, float]
+    class_names: list[str]
+    source: str  # e.g. "timm vit_tiny_patch16_224 (from the local cache)"
+
+
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to host:port opens within ``timeout`` seconds (name lookup included)."""
+    result = []
+
+    def attempt():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=attempt, daemon=True)  # a name lookup ignores socket timeouts
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
+
+
+def _cached_file(repo_id: str, filenames: tuple[str, ...], cache_dir) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        path = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _timm_photo_vit(name: str, weights: str | None, source: str) -> PhotoViT:
+    import timm
+    from timm.data import ImageNetInfo
+
+    from .interop import from_timm
+
+    if weights is None:  # download through timm (the Hugging Face hub)
+        peer = timm.create_model(name, pretrained=True)
+    else:
+        peer = timm.create_model(name, pretrained=False)
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(weights)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        peer.load_state_dict(state)
+    cfg = peer.pretrained_cfg
+    info = ImageNetInfo()
+    names = [info.index_to_description(i) for i in range(peer.num_classes)]
+    return PhotoViT(from_timm(peer.eval()).eval(), tuple(cfg.get("mean", IMAGENET_MEAN)),
+                    tuple(cfg.get("std", IMAGENET_STD)), names, source)
+
+
+def _hf_photo_vit(repo_id: str, cache_dir) -> PhotoViT:
+    from transformers import ViTForImageClassification
+
+    from .interop import from_huggingface
+
+    peer = ViTForImageClassification.from_pretrained(repo_id, local_files_only=True, cache_dir=cache_dir)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    processor = _cached_file(repo_id, ("preprocessor_config.json",), cache_dir)
+    if processor is not None:
+        settings = json.loads(open(processor).read())
+        mean, std = tuple(settings.get("image_mean", mean)), tuple(settings.get("image_std", std))
+    names = [peer.config.id2label[i] for i in range(peer.config.num_labels)]
+    return PhotoViT(from_huggingface(peer.eval()).eval(), mean, std, names,
+                    f"Hugging Face {repo_id} (from the local cache)")
+
+
+def load_photo_vit(online: bool | None = None, cache_dir=None, timeout: float = 3.0) -> tuple[PhotoViT | None, str]:
+    """-> (PhotoViT or None, one line saying which model, or why none): a pretrained ImageNet ViT, without waiting.
+
+    Looks first in the local Hugging Face cache (no network), for the timm models
+    ``PHOTO_TIMM_MODELS`` and then the transformers models ``PHOTO_HF_MODELS``. With nothing cached
+    it downloads timm's ``vit_tiny_patch16_224`` (23 MB), but only if ``online`` is True, or is None,
+    HF_HUB_OFFLINE is not set and huggingface.co answers within ``timeout`` seconds. ``cache_dir`` is
+    the hub cache to search (default: the usual one). Needs ``timm`` (or ``transformers``) and ``huggingface_hub``.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None, "Skipping: a pretrained ViT needs huggingface_hub and timm (pip install 'vitlab[interop]')"
+    cache = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
+    for name in PHOTO_TIMM_MODELS:
+        if not any(cache.glob(f"models--timm--{name}*")):
+            continue  # not cached: no need to import timm to look closer
+        try:
+            import timm
+        except ImportError:
+            break
+        repo_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+        weights = _cached_file(repo_id, ("model.safetensors", "pytorch_model.bin"), cache_dir) if repo_id else None
+        if weights is not None:
+            try:
+                photo = _timm_photo_vit(name, weights, f"timm {name} (from the local cache)")
+            except (OSError, RuntimeError, ValueError):
+                continue  # an unreadable or incompatible file: try the next model
+            return photo, f"Using {photo.source}"
+    for repo_id in PHOTO_HF_MODELS:
+        if _cached_file(repo_id, ("config.json",), cache_dir) is not None:
+            try:
+                photo = _hf_photo_vit(repo_id, cache_dir)
+                return photo, f"Using {photo.source}"
+            except (ImportError, OSError, RuntimeError, ValueError):
+                pass  # transformers missing, the weights not cached beside the config, or unconvertible
+    if online is None:  # HF_HUB_OFFLINE=1 means: do not even try
+        online = not constants.HF_HUB_OFFLINE and _reachable("huggingface.co", 443, timeout)
+    if not online:
+        return None, ("Skipping: no pretrained ViT in the local Hugging Face cache and no network "
+                      f"(run timm.create_model('{PHOTO_TIMM_MODELS[0]}', pretrained=True) once online)")
+    name = PHOTO_TIMM_MODELS[0]
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return None, "Skipping: downloading a pretrained ViT needs timm (pip install 'vitlab[interop]')"
+    try:
+        photo = _timm_photo_vit(name, None, f"timm {name} (downloaded)")
+    except Exception as err:  # noqa: BLE001 - any download failure means: skip this section
+        return None, f"Skipping: downloading timm {name} failed ({type(err).__name__})"
+    return photo, f"Using {photo.source}"
+
+
+def photo_batch(photo: np.ndarray, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W, 3) uint8 -> ((1, 3, size, size) normalised, (1, size, size, 3) in [0, 1]): a photo as a ViT takes it.
+
+    The photo is centre-cropped to a square, resized (bilinear, antialiased) and normalised
+    with ``mean`` and ``std``; the second tensor is the resized photo for drawing.
+    """
+    array = np.asarray(photo)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"expected an RGB photo of shape (H, W, 3); got {array.shape}")
+    image = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / (255.0 if array.dtype == np.uint8 else 1.0)
+    H, W = image.shape[-2:]
+    side = min(H, W)
+    top, left = (H - side) // 2, (W - side) // 2
+    image = image[:, top:top + side, left:left + side]  # (3, side, side)
+    image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False).clamp(0, 1)  # (1, 3, size, size)
+    shown = image.permute(0, 2, 3, 1).clone()  # (1, size, size, 3)
+    normalised = (image - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return normalised, shown
