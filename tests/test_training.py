@@ -155,3 +155,34 @@ def test_a_dataloader_trains_as_well_as_in_memory_data():
     history = fit(tiny_vit(), loader, loader, epochs=2, progress=False)
     assert [row["n_train"] for row in history.epochs] == [64, 64]
     assert math.isfinite(history.epochs[-1]["val_loss"])
+
+
+def test_ema_averages_the_weights_with_a_warmup_ramp_and_copies_buffers():
+    model = tiny_vit()
+    average = training.EMA(model, decay=0.9)
+    start = {k: v.clone() for k, v in average.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update(model)  # first update: decay min(0.9, 2 / 11)
+    d = 2 / (training.EMA_WARMUP + 1)
+    for name, value in average.model.state_dict().items():
+        expected = d * start[name] + (1 - d) * model.state_dict()[name]
+        torch.testing.assert_close(value, expected)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    with pytest.raises(ValueError, match=r"ema decay must be in \(0, 1\).*got 1.0"):
+        training.EMA(model, 1.0)
+
+
+def test_fit_with_ema_validates_saves_and_returns_the_average(tmp_path):
+    data, val = tiny_digits(64), tiny_digits(32, seed=1)
+    raw = tiny_vit()
+    fit(raw, data, epochs=2, ema=None, **FAST)
+    averaged = tiny_vit()
+    history = fit(averaged, data, val, epochs=2, ema=0.9, checkpoint_dir=tmp_path, **FAST)
+    assert any(not torch.equal(v, averaged.state_dict()[k]) for k, v in raw.state_dict().items())
+    assert history.epochs[-1]["val_accuracy"] == evaluate(averaged, val)["accuracy"]  # validated: the average
+    saved, checkpoint = load_checkpoint(tmp_path / "last.pt")
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in averaged.state_dict().items())
+    train_weights = checkpoint["extra"]["fit"]["train_weights"]  # the raw weights, kept to resume
+    assert all(torch.equal(v, train_weights[k]) for k, v in raw.state_dict().items())

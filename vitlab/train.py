@@ -13,7 +13,7 @@ from .config import POS_EMBEDS, ViTConfig
 from .data import DigitDataset, load_mnist
 from .history import History
 from .model import ViT
-from .training import evaluate, fit, seed_everything
+from .training import EMA_DECAY, evaluate, fit, seed_everything
 
 DEFAULT_EPOCHS = 10  # when neither --epochs nor --time-budget is given
 
@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ViTConfig()
     parser = argparse.ArgumentParser(
         prog="python -m vitlab.train",
-        description="Train a vitlab ViT on MNIST: AdamW, warmup then cosine, label smoothing, clipping, augmentation.",
+        description="Train a vitlab ViT on MNIST: AdamW, warmup then cosine, label smoothing, clipping, augmentation, "
+        "an average of the weights.",
     )
     model = parser.add_argument_group("model")
     model.add_argument("--dim", type=int, default=defaults.dim, help="token width D (default %(default)s)")
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--clip-grad", type=float, default=1.0,
                        help="max gradient norm, 0 for none (default %(default)s)")
     optim.add_argument("--no-augment", dest="augment", action="store_false", help="no random affine on the batches")
+    optim.add_argument("--ema", type=float, default=EMA_DECAY, metavar="DECAY",
+                       help="keep and save an exponential moving average of the weights, 0 for none "
+                       "(default %(default)s)")
     optim.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     optim.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     optim.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
@@ -121,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     history = fit(
         model, train, val, epochs=epochs, time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, label_smoothing=args.label_smoothing,
-        clip_grad=args.clip_grad or None, augment=args.augment, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
-        compile=args.compile, progress=args.progress and sys.stderr.isatty(), callback=report, resume=args.resume,
-        data_source=data.source,
+        clip_grad=args.clip_grad or None, augment=args.augment, ema=args.ema or None, seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir, compile=args.compile, progress=args.progress and sys.stderr.isatty(),
+        callback=report, resume=args.resume, data_source=data.source,
     )
     last, best = history.epochs[-1], history.best_epoch()
     summary = f"done: {len(history.epochs)} epochs, {last['step']} steps in {last['time']:.0f}s"

@@ -7,6 +7,7 @@ is. How a time budget becomes a schedule is told in ``vitlab.budget``.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -27,7 +28,10 @@ from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .history import History
 from .optim import make_optimizer
 
-RECIPE_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "seed")
+RECIPE_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "ema",
+               "seed")
+EMA_DECAY = 0.999  # fit's default weight averaging (see EMA): about the last 1 / (1 - 0.999) = 1,000 steps
+EMA_WARMUP = 10  # the average's decay ramps as (1 + t) / (EMA_WARMUP + t) over its first updates, up to ``decay``
 
 
 def seed_everything(seed: int) -> None:
@@ -123,6 +127,36 @@ def evaluate(model: nn.Module, data, batch_size: int = 512) -> dict:
     return {"loss": loss_sum / n, "accuracy": correct / n, "n": n}
 
 
+class EMA:
+    """An exponential moving average of a model's weights: a copy of the model, in eval mode, for evaluation.
+
+    After update t the copy holds ``w_ema <- d * w_ema + (1 - d) * w``, ``d = min(decay, (1 + t) / (EMA_WARMUP + t))``:
+    the ramp keeps the random initial weights from lingering in the average for the first ``1 / (1 - decay)``
+    steps. Buffers (and any non-float entry) are copied as they are. With a high learning rate the raw
+    weights jitter around a good point; their average sits nearer to it, so it scores higher mid-run.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), e.g. 0.999; got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average one step towards ``model``'s current weights."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (EMA_WARMUP + self.updates))
+        mine = self.model.state_dict()
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                mine[name].lerp_(value, 1.0 - decay)
+            else:
+                mine[name].copy_(value)
+
+
 def _until(batches: Iterable, deadline: float) -> Iterator:
     """Yield batches while the clock is before ``deadline`` (the first one always)."""
     for i, batch in enumerate(batches):
@@ -165,6 +199,7 @@ def fit(
     label_smoothing: float = 0.1,
     clip_grad: float | None = 1.0,
     augment: bool = True,
+    ema: float | None = EMA_DECAY,
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     compile: bool = False,
@@ -184,6 +219,8 @@ def fit(
     ``warmup`` fraction of the steps, then a cosine down to 0 at the last; cross-entropy with
     ``label_smoothing``; gradient norm clipped at ``clip_grad`` (None: not clipped); dropout and
     stochastic depth from the model's config. ``seed`` seeds every generator and the batch order.
+    ``ema``: keep an exponential moving average of the weights with this decay (see ``EMA``); validation,
+    checkpoints and the model that fit leaves behind are the average (None: the raw weights, no average).
 
     ``checkpoint_dir``: ``last.pt`` after every epoch, ``best.pt`` whenever validation accuracy improves.
     ``resume``: a ``last.pt`` (or ``best.pt``) written by fit. Model, optimizer, schedule, history, batch
@@ -201,7 +238,8 @@ def fit(
         raise ValueError(f"time_budget must be > 0 seconds; got {time_budget}")
     start = time.perf_counter()
     recipe = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-              "label_smoothing": label_smoothing, "clip_grad": clip_grad, "augment": augment, "seed": seed}
+              "label_smoothing": label_smoothing, "clip_grad": clip_grad, "augment": augment, "ema": ema,
+              "seed": seed}
     seed_everything(seed)
     device = _device(model)
     generator = torch.Generator().manual_seed(seed)  # the batch order
@@ -245,6 +283,11 @@ def fit(
         generator.set_state(state["generator"])
         aug_generator.set_state(state["aug_generator"])
         set_rng_state(checkpoint["rng"])
+    average = EMA(model, ema) if ema else None  # after a resume the model holds what was saved: the average
+    if checkpoint is not None and "train_weights" in state:
+        if average is not None:
+            average.updates = state["ema_updates"]
+        model.load_state_dict(state["train_weights"])
     deadline = start + (time_budget - time_before if time_budget is not None else math.inf)
     best = history.best_epoch()
     best_accuracy = best["val_accuracy"] if best else -math.inf
@@ -256,6 +299,8 @@ def fit(
     postfix = {}
 
     def on_step(row: dict) -> None:
+        if average is not None:
+            average.update(model)
         history.steps.append({"step": row["step"], "epoch": row["epoch"], "loss": row["loss"], "lr": row["lr"],
                               "time": elapsed()})
         postfix.update(epoch=row["epoch"], loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
@@ -273,7 +318,7 @@ def fit(
             row = {"epoch": epoch, "step": step, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
                    "n_train": result["n"]}
             if val is not None:
-                scores = evaluate(model, val, eval_batch_size)
+                scores = evaluate(model if average is None else average.model, val, eval_batch_size)
                 row.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
                 postfix["val_acc"] = f"{scores['accuracy']:.2%}"
             row.update(lr=history.steps[-1]["lr"], time=elapsed())
@@ -284,8 +329,10 @@ def fit(
                 fit_state = {"epoch": epoch, "step": step, "time": row["time"], "total_steps": total,
                              "generator": generator.get_state(), "aug_generator": aug_generator.get_state(),
                              "recipe": recipe}
-                parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, history=history,
-                             data_source=data_source, extra={"fit": fit_state})
+                if average is not None:  # the file's model is the average; the raw weights are needed to resume
+                    fit_state.update(train_weights=model.state_dict(), ema_updates=average.updates)
+                parts = dict(model=model if average is None else average.model, optimizer=optimizer,
+                             scheduler=scheduler, history=history, data_source=data_source, extra={"fit": fit_state})
                 save_checkpoint(Path(checkpoint_dir) / "last.pt", **parts)
                 if improved:
                     save_checkpoint(Path(checkpoint_dir) / "best.pt", **parts)
@@ -294,4 +341,6 @@ def fit(
     finally:
         bar.close()
         model.eval()
+    if average is not None:
+        model.load_state_dict(average.model.state_dict())
     return history
