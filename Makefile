@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml requirements.txt
 	touch $(STAMP)
 
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/python -m jupyterlab notebooks/
 
 # VITLAB_FAST=1: the training notebook trains a few steps on a tiny subset, so nbval stays quick.
 test: setup
-	VITLAB_FAST=1 $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
+	PATH="$(abspath $(BIN)):$$PATH" VITLAB_FAST=1 $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
 
 benchmarks: setup
 	$(BIN)/python benchmarks/throughput.py

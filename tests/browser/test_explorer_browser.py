@@ -148,7 +148,8 @@ def lab(tmp_path_factory):
         PYDEVD_DISABLE_FILE_VALIDATION="1",
     )
     command = [
-        sys.executable, "-m", "jupyter", "lab", "--allow-root", "--no-browser",
+        sys.executable, "-m", "jupyterlab",  # this interpreter's JupyterLab, not the first jupyter-lab on PATH
+        "--allow-root", "--no-browser",
         "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
         f"--ServerApp.root_dir={root}", "--LabApp.news_url=None",
