@@ -12,11 +12,12 @@ G grid side in patches, P patch size, C channels, D model dim, k components.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
+if TYPE_CHECKING:  # matplotlib is imported by the two plotting functions only, not by `import vitlab`
+    from matplotlib.figure import Figure
 
 from .patches import linear_to_conv_weight
 
@@ -205,6 +206,8 @@ def plot_position_similarity(
     if sim.ndim != 4 or len(set(sim.shape)) != 1:
         raise ValueError(f"expected similarities of shape (G, G, G, G); got {tuple(sim.shape)}")
     G = sim.shape[0]
+    from matplotlib.figure import Figure
+
     fig = fig if fig is not None else Figure(figsize=(6.5, 6))
     axes = fig.subplots(G, G, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
     values = sim.detach().cpu().float().numpy()
@@ -291,6 +294,8 @@ def plot_components(
     k = components.shape[0]
     ncols = max(1, min(ncols, k))
     nrows = -(-k // ncols)
+    from matplotlib.figure import Figure
+
     fig = fig if fig is not None else Figure(figsize=(1.2 * ncols, 1.35 * nrows))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     values = components.detach().cpu().float()
