@@ -82,14 +82,15 @@ class Attention(nn.Module):
         B, N, D = x.shape
         if mask is not None:
             _check_mask(mask, B, self.heads, N)
-        # 'b n (three h d) -> three b h n d'
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = self.q(qkv[0]), self.k(qkv[1]), self.v(qkv[2])  # (B, h, N, d)
+        # 'b n (three h d) -> three (b h n d)': chunk, not indexing, so that the backward pass
+        # concatenates the three gradients instead of zero-filling and adding three full-size tensors.
+        q, k, v = (t.view(B, N, self.heads, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = self.q(q), self.k(k), self.v(v)  # (B, h, N, d)
         if self.fused:
             p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, N, d)
         else:
-            scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+            scores = (q @ k.transpose(-2, -1)).mul_(self.scale)  # (B, h, N, N); scaled in place, no extra copy
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             attn = self.attend(self.scores(scores))  # (B, h, N, N)
