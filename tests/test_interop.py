@@ -87,7 +87,8 @@ def test_converted_model_gives_the_peers_logits_and_config(source):
     vit = convert(peer)
     assert isinstance(vit, vitlab.ViT)
     assert not vit.training
-    assert vit.config == ViTConfig(**SMALL, pool="cls", pos_embed="learned", qkv_bias=True, layer_norm_eps=EPS[source])
+    assert vit.config == ViTConfig(**SMALL, pool="cls", pos_embed="learned", qkv_bias=True, layer_norm_eps=EPS[source],
+                                   patch_embed="conv")
     assert_same_logits(peer, vit, images())
 
 

@@ -131,14 +131,18 @@ def test_tokens_equal_running_the_blocks_by_hand():
     assert torch.equal(rec.patches, vitlab.patchify(x, 4))
 
 
-def test_shape_trace_order():
-    model = small(depth=2)
+@pytest.mark.parametrize("kind, embed_steps", [
+    ("linear", ["patch_embed.patches", "patch_embed.proj"]),  # flattened patches, then the Linear
+    ("conv", ["patch_embed.proj"]),  # the conv's (B, D, G, G) map
+])
+def test_shape_trace_order(kind, embed_steps):
+    model = small(depth=2, patch_embed=kind)
     with record(model) as rec:
         model(images())
     names = [name for name, _ in rec.shapes]
     assert rec.shapes[0] == ("input", (B, 2, 12, 12))
     assert rec.shapes[-1] == ("logits", (B, 5))
-    assert names[:5] == ["input", "patch_embed.proj", "patch_embed", "cls_token", "pos_embed"]
+    assert names[: 4 + len(embed_steps)] == ["input", *embed_steps, "patch_embed", "cls_token", "pos_embed"]
     steps = ["q", "k", "v", "scores", "attend", "merge"]
     positions = []
     for i in range(2):
@@ -158,7 +162,8 @@ def test_shape_trace_order():
 
 def test_seed_numbers_224_image_16_pixel_patches():
     torch.manual_seed(0)
-    model = ViT(image_size=224, patch_size=16, in_channels=3, dim=768, depth=1, heads=12, mlp_dim=64).eval()
+    model = ViT(image_size=224, patch_size=16, in_channels=3, dim=768, depth=1, heads=12, mlp_dim=64,
+                patch_embed="conv").eval()
     with torch.no_grad(), record(model) as rec:
         model(torch.randn(1, 3, 224, 224))
     shapes = dict(rec.shapes)

@@ -40,7 +40,7 @@ class ViTConfig:
     pool: str = "cls"  # "cls": the CLS token's output; "mean": mean of the patch tokens
     pos_embed: str = "learned"  # "learned" | "sincos" (2-D, fixed) | "none"
     norm: str = "pre"  # "pre": ViT block (norm inside the residual); "post": original Transformer
-    patch_embed: str = "conv"  # "conv": Conv2d(k=s=P) | "linear": Linear on flattened patches
+    patch_embed: str = "linear"  # "linear": Linear on flattened patches | "conv": Conv2d(k=s=P); same function
     dropout: float = 0.0  # dropout on embeddings, attention output and MLP
     attn_dropout: float = 0.0  # dropout on the attention probabilities
     drop_path: float = 0.0  # stochastic depth rate of the last block (0 at the first, linear between)

@@ -356,7 +356,7 @@ def _convert(state_dict: dict, source: str, config: ViTConfig) -> ViT:
     """
     state_dict = _rename_old(state_dict, source)
     names = _NAMES[source]()
-    vit = ViT(config)
+    vit = ViT(replace(config, patch_embed="conv"))  # every peer stores a Conv2d patch weight (D, C, P, P)
     weights, missing, used = {}, [], set()
     for key, target in vit.state_dict().items():
         sources = _source_names(key, names)
