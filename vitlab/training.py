@@ -87,7 +87,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad, foreach=True)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -149,11 +149,12 @@ class EMA:
         """Move the average one step towards ``model``'s current weights."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (EMA_WARMUP + self.updates))
-        mine = self.model.state_dict()
-        for name, value in model.state_dict().items():
-            if value.is_floating_point():
-                mine[name].lerp_(value, 1.0 - decay)
-            else:
+        mine, theirs = self.model.state_dict(), model.state_dict()
+        floats = [name for name, value in theirs.items() if value.is_floating_point()]
+        # One fused call over every float tensor, not one small op per tensor.
+        torch._foreach_lerp_([mine[name] for name in floats], [theirs[name] for name in floats], 1.0 - decay)
+        for name, value in theirs.items():
+            if not value.is_floating_point():
                 mine[name].copy_(value)
 
 
