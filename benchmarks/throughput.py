@@ -5,7 +5,10 @@ depth 6, heads 4, mlp 128, 10 classes) and the same batch. Models are timed roun
 short bursts, so machine noise hits all of them alike, and each figure is the best burst.
 Every figure is printed as a ratio to vitlab's eager training or inference speed, beside FLOPs
 per image (torch.utils.flop_counter) and achieved GFLOP/s against a matmul peak measured in
-the same run.
+the same run. Every model trains with the same optimizer, PyTorch's fused AdamW (what
+``vitlab.optim.make_optimizer`` uses), so the comparison is of the models' forward and backward
+passes. "vitlab (compiled)" is ``fit(compile=True)``'s path: ``torch.compile(model)``; its
+compilation happens in the warm-up, before the clock starts.
 
     python benchmarks/throughput.py                 # 2 threads, batch 128
     python benchmarks/throughput.py --rounds 8 --threads 2 --no-compile
@@ -67,20 +70,13 @@ class Recorded(nn.Module):
 
 
 def train_step_fn(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, compile: bool = False) -> Callable:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
     model.train()
-
-    def loss_and_backward(x, y):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    if compile:
-        loss_and_backward = torch.compile(loss_and_backward)
+    forward = torch.compile(model) if compile else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss_and_backward(batch, labels)
+        F.cross_entropy(forward(batch), labels).backward()
         optimizer.step()
 
     return step
@@ -174,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"threads {args.threads}, batch {args.batch}, torch {torch.__version__}; "
           f"fp32 matmul peak {peak:.0f} GFLOP/s")
-    print(f"\ntraining step (forward, backward, AdamW), best of {args.rounds} bursts of {args.burst}")
+    print(f"\ntraining step (forward, backward, fused AdamW), best of {args.rounds} bursts of {args.burst}")
     print(f"{'model':<20} {'params':>8} {'img/s':>8} {'x vitlab':>9} {'MFLOP/img':>10} {'GFLOP/s':>8} {'% peak':>7}")
     for name, ips in sorted(train.items(), key=lambda kv: -kv[1]):
         gflops = ips * flops[name] / 1e9

@@ -1,5 +1,6 @@
 """In-memory batches: every image once per pass, a seeded order, normalised, augmented per batch."""
 
+import pytest
 import torch
 from tiny_digits import tiny_digits
 
@@ -40,3 +41,21 @@ def test_a_dataloader_passes_through_untouched():
     assert make_batches(loader, 4, shuffle=True, augment=True) is loader
     assert num_images(loader) == 10
     assert num_images(tiny_digits(7)) == 7
+
+
+def test_drop_last_leaves_out_a_different_remainder_each_pass():
+    data = tiny_digits(50)
+    data.labels = torch.arange(50)
+    batches = make_batches(data, 16, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True)
+    assert len(batches) == 3
+    passes = [list(batches) for _ in range(3)]
+    for batches_of_pass in passes:
+        assert [len(labels) for _, labels in batches_of_pass] == [16, 16, 16]
+        assert len(set(_order(batches_of_pass).tolist())) == 48
+    left_out = [set(range(50)) - set(_order(p).tolist()) for p in passes]
+    assert len({frozenset(s) for s in left_out}) > 1  # reshuffled: not always the same two images
+
+
+def test_drop_last_with_fewer_images_than_a_batch_says_so():
+    with pytest.raises(ValueError, match="at least one full batch of 16 images; got 10"):
+        make_batches(tiny_digits(10), 16, drop_last=True)

@@ -142,10 +142,12 @@ def test_compile_wraps_the_model_only_when_asked(monkeypatch):
 
     monkeypatch.setattr(training.torch, "compile", fake_compile)
     model = tiny_vit()
-    fit(model, tiny_digits(32), epochs=1, **FAST)
+    eager = fit(model, tiny_digits(40), epochs=1, **{**FAST, "batch_size": 16})
     assert compiled == []
-    fit(model, tiny_digits(32), epochs=1, compile=True, **FAST)
+    assert eager.epochs[0]["n_train"] == 40  # 16 + 16 + 8
+    compiled_run = fit(model, tiny_digits(40), epochs=1, compile=True, **{**FAST, "batch_size": 16})
     assert compiled == [model]
+    assert compiled_run.epochs[0]["n_train"] == 32  # one batch shape for the compiled graph: the 8 are left out
 
 
 def test_a_dataloader_trains_as_well_as_in_memory_data():

@@ -32,7 +32,9 @@ class TensorBatches:
     """Iterable of (B, 1, H, W) float32 normalised images and (B,) int64 labels over in-memory tensors.
 
     Images are (N, H, W) or (N, 1, H, W), uint8 or floats in [0, 1]. Each pass draws a fresh order from
-    ``generator`` when ``shuffle``; the last batch holds the remainder. ``augment`` moves every batch by
+    ``generator`` when ``shuffle``; the last batch holds the remainder, or is left out with ``drop_last``
+    (every batch then has one shape, which a compiled model wants; with ``shuffle`` a different
+    remainder is left out each pass). ``augment`` moves every batch by
     ``data.augment_batch`` with ``aug_generator``. The tensors move to ``device`` once, up front.
     """
 
@@ -40,24 +42,30 @@ class TensorBatches:
         self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
         generator: torch.Generator | None = None, augment: bool = False,
         aug_generator: torch.Generator | None = None, device: torch.device | str | None = None,
+        drop_last: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         if len(images) != len(labels) or len(labels) == 0:
             raise ValueError(f"expected as many labels as images, at least one; got {len(images)} and {len(labels)}")
+        if drop_last and len(labels) < batch_size:
+            raise ValueError(f"drop_last needs at least one full batch of {batch_size} images; got {len(labels)}")
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size = batch_size
         self.shuffle, self.generator = shuffle, generator
         self.augment, self.aug_generator = augment, aug_generator
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.labels) // self.batch_size
         return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.labels.device)
-        for start in range(0, n, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             images = normalize_batch(self.images[index])  # (B, 1, H, W)
             if self.augment:
@@ -68,6 +76,7 @@ class TensorBatches:
 def make_batches(
     data, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
     augment: bool = False, aug_generator: torch.Generator | None = None, device: torch.device | str | None = None,
+    drop_last: bool = False,
 ) -> Iterable:
     """dataset -> iterable of (images, labels) batches.
 
@@ -80,7 +89,7 @@ def make_batches(
     if tensors is None:
         return data
     return TensorBatches(*tensors, batch_size, shuffle=shuffle, generator=generator, augment=augment,
-                         aug_generator=aug_generator, device=device)
+                         aug_generator=aug_generator, device=device, drop_last=drop_last)
 
 
 def num_images(data) -> int:

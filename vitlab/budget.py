@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .optim import param_groups
+from .optim import adamw, param_groups
 
 TIMING_STEPS = 3  # timed training steps (after one untimed step that pays for allocation and compilation)
 
@@ -48,7 +48,7 @@ def time_steps(
     """
     device = next(model.parameters()).device
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-6)  # the real update's cost, thrown away after
+    optimizer = adamw(param_groups(model, 0.05), lr=1e-6)  # the real update's cost, thrown away after
     was_training = model.training
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model.train()
@@ -60,7 +60,7 @@ def time_steps(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad, foreach=True)
             optimizer.step()
             _sync(device)
             times.append(time.perf_counter() - start)

@@ -59,22 +59,26 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """param groups -> AdamW, PyTorch's fused one where the parameters' device has it (CPU and CUDA do).
+
+    The same update rule in one kernel for all parameters, rather than a dozen small ops per tensor:
+    for a model of this size that saves most of the optimizer's time.
+    """
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except RuntimeError:  # a device without a fused AdamW kernel
+        return torch.optim.AdamW(groups, lr=lr)
+
+
 def make_optimizer(
     model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup: float
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """model -> (AdamW on ``param_groups``, LambdaLR of ``WarmupCosine``); ``warmup``: a fraction of total_steps.
-
-    The AdamW is PyTorch's fused one where the parameters' device has it (CPU and CUDA do): the same
-    update rule in one kernel, which for a model of this size saves most of the optimizer's time.
-    """
+    """model -> (AdamW on ``param_groups``, LambdaLR of ``WarmupCosine``); ``warmup``: a fraction of total_steps."""
     if not 0.0 <= warmup < 1.0:
         raise ValueError(f"warmup is a fraction of the total steps, in [0, 1); got {warmup}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0; got {lr}")
-    groups = param_groups(model, weight_decay)
-    try:  # one fused kernel for all parameters, rather than a dozen small ops per parameter tensor
-        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
-    except RuntimeError:  # a device without a fused AdamW kernel
-        optimizer = torch.optim.AdamW(groups, lr=lr)
+    optimizer = adamw(param_groups(model, weight_decay), lr)
     schedule = WarmupCosine(total_steps, round(warmup * total_steps))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -227,8 +227,10 @@ def fit(
     ``resume``: a ``last.pt`` (or ``best.pt``) written by fit. Model, optimizer, schedule, history, batch
     order and random generators continue where it stopped: with the same arguments the result is the
     one of the run that was never interrupted (on the same kind of device). ``callback(history)`` runs
-    after each epoch. ``compile=True`` trains through ``torch.compile(model)``: it pays on a GPU for runs
-    of minutes; on a CPU a small model spends longer compiling than it saves. A non-finite loss raises
+    after each epoch. ``compile=True`` trains through ``torch.compile(model)``, and leaves out each epoch's
+    last, smaller batch of in-memory data so that one compiled graph serves every step. The first
+    compilation takes tens of seconds on a CPU; PyTorch caches it on disk, so later runs of the same
+    model start in seconds and then step faster (see benchmarks/RESULTS.md). A non-finite loss raises
     ``FloatingPointError`` naming the epoch and step.
     """
     if epochs is None and time_budget is None:
@@ -246,7 +248,7 @@ def fit(
     generator = torch.Generator().manual_seed(seed)  # the batch order
     aug_generator = torch.Generator(device=device).manual_seed(seed + 1)  # the augmentation draws
     train_batches = make_batches(train, batch_size, shuffle=True, generator=generator, augment=augment,
-                                 aug_generator=aug_generator, device=device)
+                                 aug_generator=aug_generator, device=device, drop_last=compile)
     steps_per_epoch = len(train_batches)
     forward = torch.compile(model) if compile else model
 
