@@ -139,6 +139,23 @@ def test_linear_and_conv_models_agree_after_loading_weights(patch_embed):
     assert_close(b(images()), a(images()))
 
 
+def test_both_patch_embeddings_start_alike():
+    """Same seed, one channel: the conv and linear models are the same function; both keep PyTorch's init."""
+    one = {**SMALL, "in_channels": 1}
+    torch.manual_seed(0)
+    conv = ViT(**one, patch_embed="conv").eval()
+    torch.manual_seed(0)
+    linear = ViT(**one, patch_embed="linear").eval()
+    assert_close(linear(images(c=1)), conv(images(c=1)))
+    for model in (small(patch_embed="conv"), small(patch_embed="linear")):  # two channels: same spread
+        weight = model.patch_embed.proj.weight
+        # PyTorch's default: uniform within +-1/sqrt(fan_in), std 1/sqrt(3 * fan_in) = 0.10 for fan_in 32;
+        # not the 0.02 of the other Linears
+        assert 0.09 < weight.std().item() < 0.115 and weight.abs().max().item() <= 32**-0.5
+        assert model.patch_embed.proj.bias.abs().max().item() > 0.02
+        assert 0.015 < model.head.weight.std().item() < 0.025 and not model.head.bias.any()
+
+
 # fused vs explicit at model level
 
 

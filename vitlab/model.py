@@ -19,11 +19,17 @@ from .patches import PatchEmbed
 from .taps import Tap
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+def _init_weights(model: "ViT") -> None:
+    """Every Linear except the patch embedding's: weights from a normal of std 0.02 (truncated at +-2, as
+    timm does), biases 0. The patch embedding keeps PyTorch's default init, as in timm and vit-pytorch;
+    that default depends only on fan_in = P*P*C, the same for the Conv2d and the Linear form, so both
+    forms start alike: with one channel and the same seed, the "conv" and "linear" models are the same
+    function."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not model.patch_embed.proj:
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 class ViT(nn.Module):
@@ -62,7 +68,7 @@ class ViT(nn.Module):
         self.pool = Tap()  # (B, D)
         self.head = nn.Linear(c.dim, c.num_classes)  # (B, num_classes)
         self._set_mask()
-        self.apply(_init_weights)
+        _init_weights(self)
 
     def _set_mask(self) -> None:
         c = self.config
