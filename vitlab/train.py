@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     optim.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     optim.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-    optim.add_argument("--compile", action="store_true", help="train through torch.compile (pays on a GPU)")
+    optim.add_argument("--compile", action="store_true",
+                       help="train through torch.compile: faster steps after a one-time compilation (tens of "
+                       "seconds on a CPU, then cached); each epoch's last, smaller batch is left out")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="data", help="where MNIST is or is downloaded to (default %(default)s)")
