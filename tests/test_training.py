@@ -148,6 +148,8 @@ def test_compile_wraps_the_model_only_when_asked(monkeypatch):
     compiled_run = fit(model, tiny_digits(40), epochs=1, compile=True, **{**FAST, "batch_size": 16})
     assert compiled == [model]
     assert compiled_run.epochs[0]["n_train"] == 32  # one batch shape for the compiled graph: the 8 are left out
+    smaller = fit(model, tiny_digits(10), epochs=1, compile=True, **{**FAST, "batch_size": 16})
+    assert smaller.epochs[0]["n_train"] == 10  # less than one batch: it is the only shape, nothing is left out
 
 
 def test_a_dataloader_trains_as_well_as_in_memory_data():

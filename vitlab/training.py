@@ -248,7 +248,8 @@ def fit(
     generator = torch.Generator().manual_seed(seed)  # the batch order
     aug_generator = torch.Generator(device=device).manual_seed(seed + 1)  # the augmentation draws
     train_batches = make_batches(train, batch_size, shuffle=True, generator=generator, augment=augment,
-                                 aug_generator=aug_generator, device=device, drop_last=compile)
+                                 aug_generator=aug_generator, device=device,
+                                 drop_last=compile and num_images(train) >= batch_size)
     steps_per_epoch = len(train_batches)
     forward = torch.compile(model) if compile else model
 
