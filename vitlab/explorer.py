@@ -27,7 +27,6 @@ patches, N tokens (1 CLS + G*G patches), D model dim, L layers, h heads, K class
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import socket
@@ -47,6 +46,7 @@ from matplotlib.patches import Rectangle
 from torch import nn
 
 from .explain import HEAD_FUSIONS, attention_rollout, cls_rollout_map, upsample_patch_map
+from .plots import figure_png
 from .record import record
 
 VIEWS = ("cls", "matrix", "query", "rollout")
@@ -135,13 +135,6 @@ def view_maps(
         _check_choice("query", query, range(grid_size * grid_size))
         rows = maps[:, query + 1, 1:]
     return rows.reshape(-1, grid_size, grid_size)  # (k, G, G)
-
-
-def figure_png(fig: Figure, dpi: int = 80) -> bytes:
-    """Figure -> PNG bytes (no 'Software' stamp, so the same figure gives the same bytes)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
-    return buffer.getvalue()
 
 
 def _as_picture(image: torch.Tensor) -> np.ndarray:

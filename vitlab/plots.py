@@ -74,9 +74,10 @@ def plot_history(history: History, fig: Figure | None = None) -> Figure:
 
 
 def figure_png(fig: Figure, dpi: int = 80) -> bytes:
-    """Figure -> its PNG bytes (what ``LivePlot`` puts on screen)."""
+    """Figure -> its PNG bytes, what ``LivePlot`` and the explorer put on screen (no 'Software' stamp, so
+    the same figure gives the same bytes)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
     return buffer.getvalue()
 
 
