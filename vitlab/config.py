@@ -20,9 +20,10 @@ ATTN_IMPLS = ("auto", "fused", "explicit")
 EXPLICIT_ATTENTION_MAX_TOKENS = 256
 
 
-def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value, allowed) -> None:
+    """Raise ValueError naming ``name``, the ``allowed`` values and the one given, unless ``value`` is allowed."""
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}")
 
 
 @dataclass
@@ -61,11 +62,11 @@ class ViTConfig:
             )
         if self.dim % self.heads:
             raise ValueError(f"dim must be divisible by heads: got dim={self.dim}, heads={self.heads}")
-        _choose("pool", self.pool, POOLS)
-        _choose("pos_embed", self.pos_embed, POS_EMBEDS)
-        _choose("norm", self.norm, NORMS)
-        _choose("patch_embed", self.patch_embed, PATCH_EMBEDS)
-        _choose("attn_impl", self.attn_impl, ATTN_IMPLS)
+        check_choice("pool", self.pool, POOLS)
+        check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("patch_embed", self.patch_embed, PATCH_EMBEDS)
+        check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"sincos position embeddings need dim divisible by 4; got dim={self.dim}")
         for name in ("dropout", "attn_dropout", "drop_path"):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # matplotlib is imported by the two plotting functions only, not by `import vitlab`
     from matplotlib.figure import Figure
 
+from .config import check_choice
 from .patches import linear_to_conv_weight
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -79,8 +80,7 @@ def attention_rollout(
     (the residual's share is then 1 / (1 + row sum of A_l) rather than exactly 0.5).
     """
     _check_attentions(attentions)
-    if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}; got {head_fusion!r}")
+    check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1); got {discard_ratio!r}")
     B, L, h, N, _ = attentions.shape

@@ -45,6 +45,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
+from .config import check_choice
 from .explain import HEAD_FUSIONS, attention_rollout, cls_rollout_map, upsample_patch_map
 from .plots import figure_png
 from .record import record
@@ -98,11 +99,6 @@ def find_mistakes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 # --- What a view shows ---------------------------------------------------------------------------
 
 
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}")
-
-
 def view_maps(
     attentions: torch.Tensor, grid_size: int, view: str = "cls", layer: int = 0, head: int | str = 0,
     query: int = 0, head_fusion: str = "mean", discard_ratio: float = 0.0,
@@ -120,19 +116,19 @@ def view_maps(
     if N != grid_size * grid_size + 1:
         raise ValueError(f"expected N = 1 + {grid_size}*{grid_size} = {grid_size ** 2 + 1} tokens (CLS + patches); "
                          f"got N = {N}")
-    _check_choice("view", view, VIEWS)
+    check_choice("view", view, VIEWS)
     if view == "rollout":
         rollout = attention_rollout(attentions[None], head_fusion, discard_ratio)  # (1, N, N)
         return cls_rollout_map(rollout, grid_size)  # (1, G, G)
-    _check_choice("layer", layer, range(L))
-    _check_choice("head", head, (ALL_HEADS, *range(h)))
+    check_choice("layer", layer, range(L))
+    check_choice("head", head, (ALL_HEADS, *range(h)))
     maps = attentions[layer] if head == ALL_HEADS else attentions[layer, head][None]  # (k, N, N)
     if view == "matrix":
         return maps
     if view == "cls":
         rows = maps[:, 0, 1:]  # (k, G*G)
     else:
-        _check_choice("query", query, range(grid_size * grid_size))
+        check_choice("query", query, range(grid_size * grid_size))
         rows = maps[:, query + 1, 1:]
     return rows.reshape(-1, grid_size, grid_size)  # (k, G, G)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ViTConfig
+from .config import ViTConfig, check_choice
 from .model import ViT
 
 SOURCES = ("timm", "torchvision", "huggingface")
@@ -343,8 +343,7 @@ def _huggingface_config(model) -> ViTConfig:
 
 
 def _check_source(source: str) -> None:
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}; got {source!r}")
+    check_choice("source", source, SOURCES)
 
 
 @torch.no_grad()
