@@ -288,6 +288,7 @@ def fit(
         aug_generator.set_state(state["aug_generator"])
         set_rng_state(checkpoint["rng"])
     average = EMA(model, ema) if ema else None  # after a resume the model holds what was saved: the average
+    kept = model if average is None else average.model  # what is validated, saved and left behind
     if checkpoint is not None and "train_weights" in state:
         if average is not None:
             average.updates = state["ema_updates"]
@@ -322,7 +323,7 @@ def fit(
             row = {"epoch": epoch, "step": step, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
                    "n_train": result["n"]}
             if val is not None:
-                scores = evaluate(model if average is None else average.model, val, eval_batch_size)
+                scores = evaluate(kept, val, eval_batch_size)
                 row.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
                 postfix["val_acc"] = f"{scores['accuracy']:.2%}"
             row.update(lr=history.steps[-1]["lr"], time=elapsed())
@@ -335,8 +336,8 @@ def fit(
                              "recipe": recipe}
                 if average is not None:  # the file's model is the average; the raw weights are needed to resume
                     fit_state.update(train_weights=model.state_dict(), ema_updates=average.updates)
-                parts = dict(model=model if average is None else average.model, optimizer=optimizer,
-                             scheduler=scheduler, history=history, data_source=data_source, extra={"fit": fit_state})
+                parts = dict(model=kept, optimizer=optimizer, scheduler=scheduler, history=history,
+                             data_source=data_source, extra={"fit": fit_state})
                 save_checkpoint(Path(checkpoint_dir) / "last.pt", **parts)
                 if improved:
                     save_checkpoint(Path(checkpoint_dir) / "best.pt", **parts)
@@ -345,6 +346,6 @@ def fit(
     finally:
         bar.close()
         model.eval()
-    if average is not None:
-        model.load_state_dict(average.model.state_dict())
+    if kept is not model:
+        model.load_state_dict(kept.state_dict())
     return history
