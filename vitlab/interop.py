@@ -342,10 +342,6 @@ def _huggingface_config(model) -> ViTConfig:
 # --- Step 3: the shared loader ------------------------------------------------------------------
 
 
-def _check_source(source: str) -> None:
-    check_choice("source", source, SOURCES)
-
-
 @torch.no_grad()
 def _convert(state_dict: dict, source: str, config: ViTConfig) -> ViT:
     """Peer state dict + ViTConfig -> vitlab ViT (eval mode, float32, CPU) holding those weights.
@@ -467,7 +463,7 @@ def from_state_dict(state_dict: dict, source: str, config: ViTConfig | None = No
     replace its fields. Checkpoints saved by older releases of torchvision and transformers, with older
     key names, are accepted. Raises ValueError naming the missing, unexpected or mis-shaped keys.
     """
-    _check_source(source)
+    check_choice("source", source, SOURCES)
     if config is None:
         config = _config_from_weights(state_dict, source, overrides)
     elif overrides:
