@@ -56,7 +56,8 @@ from vitlab.training import EMA, evaluate, fit, seed_everything, train_one_epoch
 
 RECIPES = ("vitlab", "seed")
 RUNS = ("per-checkpoint", "one")
-FIT_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "ema", "compile")
+FIT_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "elastic", "ema",
+            "compile")
 SEED_CONFIG = dict(dim=512, depth=1, heads=2, mlp_dim=1024, patch_size=7, norm="post")
 SEED_LR, SEED_BATCH = 1e-5, 4
 
@@ -127,10 +128,10 @@ def run_vitlab(train, test, budget: float, times: list[float], seed: int, overri
     generator = torch.Generator().manual_seed(seed)
     aug_generator = torch.Generator().manual_seed(seed + 1)
     batches = make_batches(train, s["batch_size"], shuffle=True, generator=generator, augment=s["augment"],
-                           aug_generator=aug_generator, drop_last=s["compile"])
+                           elastic=s["elastic"], aug_generator=aug_generator, drop_last=s["compile"])
     clock = Clock()
     forward = torch.compile(model) if s["compile"] else model  # compiled in the probe's first step, on the clock
-    probe = make_batches(train, s["batch_size"], augment=s["augment"],
+    probe = make_batches(train, s["batch_size"], augment=s["augment"], elastic=s["elastic"],
                          aug_generator=torch.Generator().manual_seed(seed))
     step_s, _ = time_steps(model, forward, probe, s["label_smoothing"], s["clip_grad"])
     total = plan_steps(budget - clock(), step_s, 0.0, len(batches))
@@ -167,7 +168,8 @@ def warm_compile_cache(train, config: ViTConfig, s: dict) -> None:
     load the cache and take a few, on the clock. This prints the one-time cost."""
     start = time.perf_counter()
     model = ViT(config)
-    probe = make_batches(train, s["batch_size"], augment=s["augment"], aug_generator=torch.Generator().manual_seed(0))
+    probe = make_batches(train, s["batch_size"], augment=s["augment"], elastic=s["elastic"],
+                         aug_generator=torch.Generator().manual_seed(0))
     time_steps(model, torch.compile(model), probe, s["label_smoothing"], s["clip_grad"])
     torch._dynamo.reset()  # the runs start from the on-disk cache, not from this process's memory
     print(f"compiled once to fill PyTorch's on-disk cache: {time.perf_counter() - start:.1f} s, "

@@ -5,7 +5,7 @@ import torch
 from tiny_digits import tiny_digits
 
 from vitlab.batches import TensorBatches, make_batches, num_images
-from vitlab.data import MNIST_MEAN, MNIST_STD
+from vitlab.data import MNIST_MEAN, MNIST_STD, augment_batch
 
 
 def _order(batches):
@@ -34,6 +34,11 @@ def test_batches_are_normalised_and_augmentation_moves_them():
     assert torch.equal(labels, data.labels)
     (moved, _), = make_batches(data, 8, augment=True, aug_generator=torch.Generator().manual_seed(0))
     assert moved.shape == plain.shape and not torch.allclose(moved, plain)
+    (warped, _), = make_batches(data, 8, augment=True, elastic=1.0, aug_generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(warped, augment_batch(plain, torch.Generator().manual_seed(0), elastic=1.0))
+    assert not torch.allclose(warped, moved)
+    with pytest.raises(ValueError, match="elastic=1.0 distorts augmented batches only; got augment=False"):
+        make_batches(data, 8, elastic=1.0)
 
 
 def test_a_dataloader_passes_through_untouched():

@@ -74,6 +74,27 @@ def test_resuming_an_interrupted_run_gives_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in straight.state_dict().items())
 
 
+def test_resuming_with_other_settings_warns_and_names_them(tmp_path, recwarn):
+    train = tiny_digits(32)
+    recipe = dict(epochs=2, batch_size=16, progress=False)
+
+    def interrupt(history):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_vit(), train, checkpoint_dir=tmp_path, callback=interrupt, **recipe)
+    with pytest.warns(UserWarning, match=r"differ from the checkpoint's \(lr: checkpoint 0.002, now 0.003; "
+                                         r"elastic: checkpoint 0.0, now 1.0\)"):
+        fit(tiny_vit(), train, resume=tmp_path / "last.pt", lr=3e-3, elastic=1.0, **recipe)
+
+    older = torch.load(tmp_path / "last.pt", weights_only=True)  # saved before fit had an ``elastic`` setting
+    del older["extra"]["fit"]["recipe"]["elastic"]
+    torch.save(older, tmp_path / "older.pt")
+    recwarn.clear()
+    fit(tiny_vit(), train, resume=tmp_path / "older.pt", **recipe)  # it trained without one: the same recipe
+    assert not [w for w in recwarn if "differ from the checkpoint" in str(w.message)]
+
+
 def test_a_resumed_time_budget_run_keeps_its_planned_schedule(tmp_path, monkeypatch):
     timings = []
 

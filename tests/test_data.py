@@ -10,6 +10,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torchvision.transforms import v2
@@ -18,11 +19,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from vitlab.data import (
     AFFINE_DEGREES,
+    AFFINE_SCALE,
+    AFFINE_TRANSLATE,
     MNIST_MEAN,
     MNIST_STD,
     DigitDataset,
     affine_batch,
     augment_batch,
+    elastic_field,
     eval_transform,
     image_folder,
     load_mnist,
@@ -318,6 +322,50 @@ def test_affine_batch_matches_rot90_and_torchvision():
         torch.testing.assert_close(mine[b], theirs, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"\(3, 2\)"):
         affine_batch(digits, angles, shifts[:2], scales)
+
+
+def test_affine_batch_displacement_moves_where_each_pixel_reads():
+    digits, none = _digits(3), (torch.zeros(3), torch.zeros(3, 2), torch.ones(3))
+    right = torch.zeros(3, 28, 28, 2)
+    right[..., 0] = 2.0  # every output pixel reads 2 px to its right: the digit moves 2 px left
+    moved = affine_batch(digits, *none, displacement=right)
+    torch.testing.assert_close(moved, affine_batch(digits, none[0], torch.tensor([[-2.0, 0.0]] * 3), none[2]))
+    torch.testing.assert_close(moved[..., :-2], digits[..., 2:])
+    with pytest.raises(ValueError, match=r"displacement of shape \(3, 28, 28, 2\); got \(3, 28, 28\)"):
+        affine_batch(digits, *none, displacement=right[..., 0])
+
+
+def test_elastic_field_is_smooth_random_and_scaled_in_pixels():
+    field = elastic_field(256, 28, 28, 1.5, torch.Generator().manual_seed(0))
+    assert field.shape == (256, 28, 28, 2) and field.dtype == torch.float32
+    corners = field[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # control points: the draws themselves, std 1.5
+    assert 1.3 < corners.std().item() < 1.7
+    step = (field[:, 1:] - field[:, :-1]).abs().mean() / field.abs().mean()
+    assert step < 0.25, f"neighbouring pixels should move alike (a smooth warp); relative step {step:.2f}"
+    assert field[0].std() > 0.3 and not torch.allclose(field[0], field[1]), "each sample gets its own warp"
+    torch.testing.assert_close(elastic_field(256, 28, 28, 3.0, torch.Generator().manual_seed(0)), 2 * field)
+    assert not elastic_field(2, 28, 28, 0.0).any()
+    with pytest.raises(ValueError, match=">= 0 pixels, e.g. 1.0; got -1"):
+        elastic_field(2, 28, 28, -1)
+
+
+def test_augment_batch_elastic_is_the_same_affine_plus_a_warp():
+    images = _digits()
+    generator = torch.Generator().manual_seed(0)
+    out = augment_batch(images, generator, elastic=1.0)
+    torch.testing.assert_close(augment_batch(images, torch.Generator().manual_seed(0), elastic=1.0), out)
+
+    replay = torch.Generator().manual_seed(0)  # the draws in augment_batch's order: affine, then the field
+    u = torch.rand(len(images), 4, generator=replay) * 2 - 1
+    low, high = AFFINE_SCALE
+    expected = affine_batch(images, u[:, 0] * AFFINE_DEGREES, u[:, 2:] * AFFINE_TRANSLATE * 28,
+                            low + (high - low) * (u[:, 1] + 1) / 2, elastic_field(len(images), 28, 28, 1.0, replay))
+    torch.testing.assert_close(out, expected)
+    plain = augment_batch(images, torch.Generator().manual_seed(0))
+    assert not torch.allclose(out, plain) and torch.equal(augment_batch(images, torch.Generator().manual_seed(0),
+                                                                        elastic=0.0), plain)
+    likeness = F.cosine_similarity(out.flatten(1), plain.flatten(1)).mean()  # 1: the warp changed nothing
+    assert 0.7 < likeness < 0.95, f"a 1-pixel warp should bend the strokes, not scatter them: {likeness:.2f}"
 
 
 def test_digit_dataset_items_and_errors():

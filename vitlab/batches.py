@@ -35,12 +35,13 @@ class TensorBatches:
     ``generator`` when ``shuffle``; the last batch holds the remainder, or is left out with ``drop_last``
     (every batch then has one shape, which a compiled model wants; with ``shuffle`` a different
     remainder is left out each pass). ``augment`` moves every batch by
-    ``data.augment_batch`` with ``aug_generator``. The tensors move to ``device`` once, up front.
+    ``data.augment_batch`` with ``aug_generator``, adding an elastic distortion of ``elastic`` pixels.
+    The tensors move to ``device`` once, up front.
     """
 
     def __init__(
         self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
-        generator: torch.Generator | None = None, augment: bool = False,
+        generator: torch.Generator | None = None, augment: bool = False, elastic: float = 0.0,
         aug_generator: torch.Generator | None = None, device: torch.device | str | None = None,
         drop_last: bool = False,
     ) -> None:
@@ -48,12 +49,14 @@ class TensorBatches:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         if len(images) != len(labels) or len(labels) == 0:
             raise ValueError(f"expected as many labels as images, at least one; got {len(images)} and {len(labels)}")
+        if elastic and not augment:
+            raise ValueError(f"elastic={elastic} distorts augmented batches only; got augment=False")
         if drop_last and len(labels) < batch_size:
             raise ValueError(f"drop_last needs at least one full batch of {batch_size} images; got {len(labels)}")
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size = batch_size
         self.shuffle, self.generator = shuffle, generator
-        self.augment, self.aug_generator = augment, aug_generator
+        self.augment, self.elastic, self.aug_generator = augment, elastic, aug_generator
         self.drop_last = drop_last
 
     def __len__(self) -> int:
@@ -69,14 +72,14 @@ class TensorBatches:
             index = order[start : start + self.batch_size]
             images = normalize_batch(self.images[index])  # (B, 1, H, W)
             if self.augment:
-                images = augment_batch(images, self.aug_generator)
+                images = augment_batch(images, self.aug_generator, self.elastic)
             yield images, self.labels[index]
 
 
 def make_batches(
     data, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-    augment: bool = False, aug_generator: torch.Generator | None = None, device: torch.device | str | None = None,
-    drop_last: bool = False,
+    augment: bool = False, elastic: float = 0.0, aug_generator: torch.Generator | None = None,
+    device: torch.device | str | None = None, drop_last: bool = False,
 ) -> Iterable:
     """dataset -> iterable of (images, labels) batches.
 
@@ -89,7 +92,7 @@ def make_batches(
     if tensors is None:
         return data
     return TensorBatches(*tensors, batch_size, shuffle=shuffle, generator=generator, augment=augment,
-                         aug_generator=aug_generator, device=device, drop_last=drop_last)
+                         elastic=elastic, aug_generator=aug_generator, device=device, drop_last=drop_last)
 
 
 def num_images(data) -> int:

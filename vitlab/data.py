@@ -36,6 +36,8 @@ MNIST_STD = 0.3081  # their standard deviation
 AFFINE_DEGREES = 10.0  # rotation angle drawn uniformly from [-10, 10] degrees
 AFFINE_TRANSLATE = 0.1  # shift drawn uniformly from [-0.1, 0.1] of the width (and of the height): +-2.8 px at 28
 AFFINE_SCALE = (0.9, 1.1)  # zoom factor drawn uniformly from [0.9, 1.1]
+# Elastic distortion (augment_batch's ``elastic``): a smooth random warp, drawn at a lattice of control points.
+ELASTIC_GRID = 4  # 4 x 4 control points spread over the image (9 px apart at 28 px), bicubic in between
 
 DOWNLOAD_TIMEOUT_S = 10.0  # socket timeout while trying torchvision's download, so no network fails fast
 
@@ -178,12 +180,15 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 def affine_batch(
-    images: torch.Tensor, angles: torch.Tensor, translations: torch.Tensor, scales: torch.Tensor
+    images: torch.Tensor, angles: torch.Tensor, translations: torch.Tensor, scales: torch.Tensor,
+    displacement: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, C, H, W) float, angles (B,) degrees, translations (B, 2) pixels (x, y), scales (B,) -> (B, C, H, W).
 
     Sample b is rotated by ``angles[b]`` about the image centre, zoomed by ``scales[b]``, then shifted
-    right by ``translations[b, 0]`` and down by ``translations[b, 1]`` pixels. A positive angle turns the
+    right by ``translations[b, 0]`` and down by ``translations[b, 1]`` pixels. ``displacement`` (B, H, W, 2),
+    in pixels (x right, y down), moves where each output pixel reads from on top of that (see
+    ``elastic_field``). A positive angle turns the
     image counter-clockwise, as ``torch.rot90`` and torchvision's ``rotate`` do (torchvision's ``affine``
     turns clockwise: ``affine_batch(x, a, t, s)`` matches ``v2.functional.affine(x, -a, t, s, shear=0)``).
     Bilinear sampling; a pixel sampled from outside the image copies the nearest edge pixel, which in MNIST
@@ -197,6 +202,8 @@ def affine_batch(
             f"expected angles ({b},), translations ({b}, 2), scales ({b},); got {tuple(angles.shape)}, "
             f"{tuple(translations.shape)}, {tuple(scales.shape)}"
         )
+    if displacement is not None and displacement.shape != (b, h, w, 2):
+        raise ValueError(f"expected a displacement of shape ({b}, {h}, {w}, 2); got {tuple(displacement.shape)}")
     # Output pixel p (centred pixel coordinates, y down) reads input pixel R^T (p - t) / s, where R turns
     # counter-clockwise on screen. affine_grid works in coordinates normalised to [-1, 1] per axis:
     # x_n = 2 x / W, y_n = 2 y / H, which puts the aspect ratio into the off-diagonal terms.
@@ -211,17 +218,45 @@ def affine_batch(
         dim=1,
     )  # (B, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
+    if displacement is not None:
+        grid = grid + displacement.to(images) * torch.tensor([2 / w, 2 / h], device=images.device, dtype=images.dtype)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def elastic_field(
+    batch: int, height: int, width: int, pixels: float, generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """-> (B, H, W, 2) float32: a smooth random displacement per sample, in pixels (x right, y down).
+
+    The elastic distortion of Simard, Steinkraus & Platt (2003), "Best practices for convolutional
+    neural networks applied to visual document analysis": every pixel moves by a random amount that
+    varies smoothly over the image, like a rubber sheet, the way one writer's stroke differs from
+    another's. They smooth per-pixel noise with a Gaussian; here the x and y displacements are drawn
+    from a normal of std ``pixels`` at ELASTIC_GRID x ELASTIC_GRID control points spread over the image
+    (corners included) and interpolated bicubically in between, which is smooth at a few percent of the
+    cost. The draws come from ``generator`` (on its own device); the field is on ``device``.
+    """
+    if pixels < 0:
+        raise ValueError(f"elastic displacement must be >= 0 pixels, e.g. 1.0; got {pixels}")
+    draw_on = generator.device if generator is not None else device
+    knots = torch.randn(batch, 2, ELASTIC_GRID, ELASTIC_GRID, generator=generator, device=draw_on)
+    field = F.interpolate(knots.to(device) * pixels, size=(height, width), mode="bicubic", align_corners=True)
+    return field.permute(0, 2, 3, 1)  # (B, 2, H, W) -> (B, H, W, 2)
+
+
+def augment_batch(
+    images: torch.Tensor, generator: torch.Generator | None = None, elastic: float = 0.0
+) -> torch.Tensor:
     """(B, C, H, W) float -> (B, C, H, W) float, each sample moved by its own random small affine.
 
     Per sample, uniformly: rotation in [-AFFINE_DEGREES, AFFINE_DEGREES] = [-10, 10] degrees, zoom in
     AFFINE_SCALE = [0.9, 1.1], shift in [-AFFINE_TRANSLATE, AFFINE_TRANSLATE] = [-0.1, 0.1] of the width
-    (x) and of the height (y), as ``train_transform`` draws them per image; no flips. One call of
-    ``F.affine_grid``/``F.grid_sample`` for the whole batch, on the batch's device; the draws come from
-    ``generator`` (on its own device) so a seeded generator repeats them. See ``affine_batch``.
+    (x) and of the height (y), as ``train_transform`` draws them per image; no flips. ``elastic`` > 0 adds
+    an elastic distortion of that many pixels (the std of ``elastic_field``; 1.0 keeps a digit's
+    identity, 2.5 starts to break strokes at 28 px). One call of ``F.affine_grid``/``F.grid_sample`` for
+    the whole batch, on the batch's device; the draws come from ``generator`` (on its own device) so a
+    seeded generator repeats them. See ``affine_batch``.
     """
     if images.ndim != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
@@ -232,7 +267,8 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None
     low, high = AFFINE_SCALE
     scales = low + (high - low) * (u[:, 1] + 1) / 2
     translations = u[:, 2:] * AFFINE_TRANSLATE * torch.tensor([w, h], device=images.device, dtype=u.dtype)
-    return affine_batch(images, angles, translations, scales)
+    displacement = elastic_field(b, h, w, elastic, generator, images.device) if elastic else None
+    return affine_batch(images, angles, translations, scales, displacement)
 
 
 # --- datasets ----------------------------------------------------------------------------------------

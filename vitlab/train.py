@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--clip-grad", type=float, default=1.0,
                        help="max gradient norm, 0 for none (default %(default)s)")
     optim.add_argument("--no-augment", dest="augment", action="store_false", help="no random affine on the batches")
+    optim.add_argument("--elastic", type=float, default=0.0, metavar="PIXELS",
+                       help="add an elastic distortion of this many pixels to the random affine, e.g. 1.0 "
+                       "(default %(default)s: none)")
     optim.add_argument("--ema", type=float, default=EMA_DECAY, metavar="DECAY",
                        help="keep and save an exponential moving average of the weights, 0 for none "
                        "(default %(default)s)")
@@ -127,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     history = fit(
         model, train, val, epochs=epochs, time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, label_smoothing=args.label_smoothing,
-        clip_grad=args.clip_grad or None, augment=args.augment, ema=args.ema or None, seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir, compile=args.compile, progress=args.progress and sys.stderr.isatty(),
-        callback=report, resume=args.resume, data_source=data.source,
+        clip_grad=args.clip_grad or None, augment=args.augment, elastic=args.elastic, ema=args.ema or None,
+        seed=args.seed, checkpoint_dir=args.checkpoint_dir, compile=args.compile,
+        progress=args.progress and sys.stderr.isatty(), callback=report, resume=args.resume, data_source=data.source,
     )
     last, best = history.epochs[-1], history.best_epoch()
     summary = f"done: {len(history.epochs)} epochs, {last['step']} steps in {last['time']:.0f}s"

@@ -28,8 +28,9 @@ from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .history import History
 from .optim import make_optimizer
 
-RECIPE_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "ema",
-               "seed")
+RECIPE_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "elastic",
+               "ema", "seed")
+RECIPE_ADDED = {"elastic": 0.0}  # settings newer than some checkpoints -> what those checkpoints trained with
 EMA_DECAY = 0.999  # fit's default weight averaging (see EMA): about the last 1 / (1 - 0.999) = 1,000 steps
 EMA_WARMUP = 10  # the average's decay ramps as (1 + t) / (EMA_WARMUP + t) over its first updates, up to ``decay``
 
@@ -167,6 +168,7 @@ def _until(batches: Iterable, deadline: float) -> Iterator:
 
 
 def _recipe_warnings(saved: dict, recipe: dict) -> None:
+    saved = {**RECIPE_ADDED, **saved}
     changed = [f"{k}: checkpoint {saved.get(k)!r}, now {recipe[k]!r}" for k in RECIPE_KEYS if saved.get(k) != recipe[k]]
     if changed:
         warnings.warn(
@@ -200,6 +202,7 @@ def fit(
     label_smoothing: float = 0.1,
     clip_grad: float | None = 1.0,
     augment: bool = True,
+    elastic: float = 0.0,
     ema: float | None = EMA_DECAY,
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
@@ -218,8 +221,10 @@ def fit(
     budget is planned into a number of steps, see ``vitlab.budget``). The recipe: AdamW, no decay on
     biases, norms, CLS token and position embeddings; a linear warmup to ``lr`` over the first
     ``warmup`` fraction of the steps, then a cosine down to 0 at the last; cross-entropy with
-    ``label_smoothing``; gradient norm clipped at ``clip_grad`` (None: not clipped); dropout and
-    stochastic depth from the model's config. ``seed`` seeds every generator and the batch order.
+    ``label_smoothing``; gradient norm clipped at ``clip_grad`` (None: not clipped); with ``augment``, a random
+    small affine per image and, if ``elastic`` > 0, an elastic distortion of that many pixels
+    (``data.augment_batch``); dropout and stochastic depth from the model's config. ``seed`` seeds every
+    generator and the batch order.
     ``ema``: keep an exponential moving average of the weights with this decay (see ``EMA``); validation,
     checkpoints and the model that fit leaves behind are the average (None: the raw weights, no average).
 
@@ -241,14 +246,14 @@ def fit(
         raise ValueError(f"time_budget must be > 0 seconds; got {time_budget}")
     start = time.perf_counter()
     recipe = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-              "label_smoothing": label_smoothing, "clip_grad": clip_grad, "augment": augment, "ema": ema,
-              "seed": seed}
+              "label_smoothing": label_smoothing, "clip_grad": clip_grad, "augment": augment, "elastic": elastic,
+              "ema": ema, "seed": seed}
     seed_everything(seed)
     device = _device(model)
     generator = torch.Generator().manual_seed(seed)  # the batch order
     aug_generator = torch.Generator(device=device).manual_seed(seed + 1)  # the augmentation draws
     train_batches = make_batches(train, batch_size, shuffle=True, generator=generator, augment=augment,
-                                 aug_generator=aug_generator, device=device,
+                                 elastic=elastic, aug_generator=aug_generator, device=device,
                                  drop_last=compile and num_images(train) >= batch_size)
     steps_per_epoch = len(train_batches)
     forward = torch.compile(model) if compile else model
@@ -266,7 +271,7 @@ def fit(
             )
             total = epochs * steps_per_epoch
     elif time_budget is not None:
-        probe = make_batches(train, batch_size, augment=augment, device=device,
+        probe = make_batches(train, batch_size, augment=augment, elastic=elastic, device=device,
                              aug_generator=torch.Generator(device=device).manual_seed(seed))
         step_s, eval_s = time_steps(model, forward, probe, label_smoothing, clip_grad)
         eval_s_per_epoch = eval_s * num_images(val) if val is not None else 0.0
