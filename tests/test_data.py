@@ -21,6 +21,7 @@ from vitlab.data import (
     AFFINE_DEGREES,
     AFFINE_SCALE,
     AFFINE_TRANSLATE,
+    ELASTIC_GRID,
     MNIST_MEAN,
     MNIST_STD,
     DigitDataset,
@@ -345,6 +346,11 @@ def test_elastic_field_is_smooth_random_and_scaled_in_pixels():
     assert field[0].std() > 0.3 and not torch.allclose(field[0], field[1]), "each sample gets its own warp"
     torch.testing.assert_close(elastic_field(256, 28, 28, 3.0, torch.Generator().manual_seed(0)), 2 * field)
     assert not elastic_field(2, 28, 28, 0.0).any()
+
+    knots = torch.randn(4, ELASTIC_GRID, ELASTIC_GRID, 2, generator=torch.Generator().manual_seed(1))  # its draws
+    bicubic = F.interpolate(knots.permute(0, 3, 1, 2) * 1.5, size=(28, 20), mode="bicubic", align_corners=True)
+    torch.testing.assert_close(elastic_field(4, 28, 20, 1.5, torch.Generator().manual_seed(1)),
+                               bicubic.permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match=">= 0 pixels, e.g. 1.0; got -1"):
         elastic_field(2, 28, 28, -1)
 
