@@ -39,6 +39,8 @@ def test_batches_are_normalised_and_augmentation_moves_them():
     assert not torch.allclose(warped, moved)
     with pytest.raises(ValueError, match="elastic=1.0 distorts augmented batches only; got augment=False"):
         make_batches(data, 8, elastic=1.0)
+    with pytest.raises(ValueError, match=r"elastic must be >= 0 pixels, e.g. 1.0; got -0.5"):
+        make_batches(data, 8, augment=True, elastic=-0.5)
 
 
 def test_a_dataloader_passes_through_untouched():

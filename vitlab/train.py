@@ -8,6 +8,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from .batches import check_augment
 from .checkpoint import save_checkpoint
 from .config import POS_EMBEDS, ViTConfig
 from .data import DigitDataset, load_mnist
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         config = ViTConfig(dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim,
                            patch_size=args.patch_size, dropout=args.dropout, drop_path=args.drop_path,
                            pos_embed=args.pos_embed)
+        check_augment(args.augment, args.elastic)
     except ValueError as err:
         parser.error(str(err))
     # The split's own seed stays fixed, so runs with different --seed values are validated on the same images.
