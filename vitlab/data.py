@@ -186,13 +186,13 @@ def affine_batch(
     """(B, C, H, W) float, angles (B,) degrees, translations (B, 2) pixels (x, y), scales (B,) -> (B, C, H, W).
 
     Sample b is rotated by ``angles[b]`` about the image centre, zoomed by ``scales[b]``, then shifted
-    right by ``translations[b, 0]`` and down by ``translations[b, 1]`` pixels. ``displacement`` (B, H, W, 2),
-    in pixels (x right, y down), moves where each output pixel reads from on top of that (see
-    ``elastic_field``). A positive angle turns the
-    image counter-clockwise, as ``torch.rot90`` and torchvision's ``rotate`` do (torchvision's ``affine``
-    turns clockwise: ``affine_batch(x, a, t, s)`` matches ``v2.functional.affine(x, -a, t, s, shear=0)``).
-    Bilinear sampling; a pixel sampled from outside the image copies the nearest edge pixel, which in MNIST
-    is background, so the result is right for [0, 1] and for normalised images alike.
+    right by ``translations[b, 0]`` and down by ``translations[b, 1]`` pixels. ``displacement``
+    (B, H, W, 2), in pixels (x right, y down), then moves where each output pixel reads from (see
+    ``elastic_field``). A positive angle turns the image counter-clockwise, as ``torch.rot90`` and
+    torchvision's ``rotate`` do (torchvision's ``affine`` turns clockwise: ``affine_batch(x, a, t, s)``
+    matches ``v2.functional.affine(x, -a, t, s, shear=0)``). Bilinear sampling; a pixel sampled from
+    outside the image copies the nearest edge pixel, which in MNIST is background, so the result is
+    right for [0, 1] and for normalised images alike.
     """
     if images.ndim != 4 or not images.is_floating_point():
         raise ValueError(f"expected a float tensor of shape (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -234,10 +234,10 @@ def elastic_field(
     varies smoothly over the image, like a rubber sheet, the way one writer's stroke differs from
     another's. They smooth per-pixel noise with a Gaussian; here the x and y displacements are drawn
     from a normal of std ``pixels`` at ELASTIC_GRID x ELASTIC_GRID control points spread over the image
-    (corners included) and interpolated bicubically in between, which is smooth at a few percent of the
-    cost. Bicubic interpolation is separable, so it is two small matrix products (``_cubic_weights``),
-    the same numbers as ``F.interpolate(mode="bicubic", align_corners=True)`` at a tenth of its time.
-    The draws come from ``generator`` (on its own device); the field is on ``device``.
+    (corners included) and interpolated bicubically in between, which is as smooth and far cheaper.
+    Bicubic interpolation is separable, so it is two small matrix products (``_cubic_weights``): the
+    numbers of ``F.interpolate(mode="bicubic", align_corners=True)`` in a tenth of its time. The draws
+    come from ``generator`` (on its own device); the field is on ``device``.
     """
     if pixels < 0:
         raise ValueError(f"elastic displacement must be >= 0 pixels, e.g. 1.0; got {pixels}")
