@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .data import augment_batch, normalize_batch
+from .data import augment_batch, check_elastic, normalize_batch
 
 
 def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -30,8 +30,7 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def check_augment(augment: bool, elastic: float) -> None:
     """Raise ValueError unless ``elastic`` is a warp in pixels >= 0, and 0 when ``augment`` is off."""
-    if elastic < 0:
-        raise ValueError(f"elastic must be >= 0 pixels, e.g. 1.0; got {elastic}")
+    check_elastic(elastic)
     if elastic and not augment:
         raise ValueError(f"elastic={elastic} distorts augmented batches only; got augment=False")
 

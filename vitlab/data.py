@@ -223,6 +223,12 @@ def affine_batch(
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def check_elastic(pixels: float) -> None:
+    """Raise ValueError unless ``pixels``, the size of an elastic distortion, is >= 0."""
+    if pixels < 0:
+        raise ValueError(f"elastic must be >= 0 pixels, e.g. 1.0; got {pixels}")
+
+
 def elastic_field(
     batch: int, height: int, width: int, pixels: float, generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -239,8 +245,7 @@ def elastic_field(
     numbers of ``F.interpolate(mode="bicubic", align_corners=True)`` in a tenth of its time. The draws
     come from ``generator`` (on its own device); the field is on ``device``.
     """
-    if pixels < 0:
-        raise ValueError(f"elastic displacement must be >= 0 pixels, e.g. 1.0; got {pixels}")
+    check_elastic(pixels)
     draw_on = generator.device if generator is not None else device
     knots = torch.randn(batch, ELASTIC_GRID, ELASTIC_GRID, 2, generator=generator, device=draw_on)  # (B, G, G, 2)
     rows, cols = _cubic_weights(height).to(device), _cubic_weights(width).to(device)  # (H, G), (W, G)
