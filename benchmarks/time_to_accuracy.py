@@ -52,12 +52,11 @@ from vitlab.batches import make_batches
 from vitlab.budget import plan_steps, time_steps
 from vitlab.data import DigitDataset, load_mnist, read_mnist_idx
 from vitlab.optim import make_optimizer
-from vitlab.training import EMA, evaluate, fit, seed_everything, train_one_epoch
+from vitlab.training import EMA, RECIPE_KEYS, evaluate, fit, seed_everything, train_one_epoch
 
 RECIPES = ("vitlab", "seed")
 RUNS = ("per-checkpoint", "one")
-FIT_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "elastic", "ema",
-            "compile")
+FIT_KEYS = (*(key for key in RECIPE_KEYS if key != "seed"), "compile")  # --seeds sets the seed
 SEED_CONFIG = dict(dim=512, depth=1, heads=2, mlp_dim=1024, patch_size=7, norm="post")
 SEED_LR, SEED_BATCH = 1e-5, 4
 

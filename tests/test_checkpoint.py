@@ -1,5 +1,6 @@
 """Checkpoints: round trip, exact resume, atomic writes, and an error naming the problem for every bad file."""
 
+import inspect
 import os
 
 import pytest
@@ -83,6 +84,9 @@ def test_resuming_with_other_settings_warns_and_names_them(tmp_path, recwarn):
 
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_vit(), train, checkpoint_dir=tmp_path, callback=interrupt, **recipe)
+    defaults = {k: v.default for k, v in inspect.signature(fit).parameters.items() if k in training.RECIPE_KEYS}
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["extra"]["fit"]["recipe"]
+    assert saved == {**defaults, "batch_size": 16} and len(defaults) == len(training.RECIPE_KEYS)
     with pytest.warns(UserWarning, match=r"differ from the checkpoint's \(lr: checkpoint 0.002, now 0.003; "
                                          r"elastic: checkpoint 0.0, now 1.0\)"):
         fit(tiny_vit(), train, resume=tmp_path / "last.pt", lr=3e-3, elastic=1.0, **recipe)

@@ -28,6 +28,8 @@ from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .history import History
 from .optim import make_optimizer
 
+# fit's arguments that shape the training curve: saved in its checkpoints, compared on resume. A new one
+# goes here, and into RECIPE_ADDED with the value that older checkpoints trained with.
 RECIPE_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "elastic",
                "ema", "seed")
 RECIPE_ADDED = {"elastic": 0.0}  # settings newer than some checkpoints -> what those checkpoints trained with
@@ -245,9 +247,8 @@ def fit(
     if time_budget is not None and time_budget <= 0:
         raise ValueError(f"time_budget must be > 0 seconds; got {time_budget}")
     start = time.perf_counter()
-    recipe = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-              "label_smoothing": label_smoothing, "clip_grad": clip_grad, "augment": augment, "elastic": elastic,
-              "ema": ema, "seed": seed}
+    arguments = locals()
+    recipe = {key: arguments[key] for key in RECIPE_KEYS}  # what a resume compares with the checkpoint's
     seed_everything(seed)
     device = _device(model)
     generator = torch.Generator().manual_seed(seed)  # the batch order
