@@ -240,6 +240,7 @@ def fit(
     model start in seconds and then step faster (see benchmarks/RESULTS.md). A non-finite loss raises
     ``FloatingPointError`` naming the epoch and step.
     """
+    arguments = locals()  # fit's arguments, before any other name is bound
     if epochs is None and time_budget is None:
         raise ValueError("give epochs or time_budget (seconds), or both; got neither")
     if epochs is not None and epochs < 1:
@@ -247,7 +248,6 @@ def fit(
     if time_budget is not None and time_budget <= 0:
         raise ValueError(f"time_budget must be > 0 seconds; got {time_budget}")
     start = time.perf_counter()
-    arguments = locals()
     recipe = {key: arguments[key] for key in RECIPE_KEYS}  # what a resume compares with the checkpoint's
     seed_everything(seed)
     device = _device(model)
