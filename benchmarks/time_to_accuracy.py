@@ -49,7 +49,7 @@ import torch
 
 from vitlab import ViT, ViTConfig
 from vitlab.batches import make_batches
-from vitlab.budget import plan_steps, time_steps
+from vitlab.budget import plan_steps, probe_batches, time_steps
 from vitlab.data import DigitDataset, load_mnist, read_mnist_idx
 from vitlab.optim import make_optimizer
 from vitlab.training import EMA, RECIPE_KEYS, evaluate, fit, seed_everything, train_one_epoch
@@ -119,12 +119,6 @@ def _until(batches, clock: Clock, budget: float):
         yield images, labels
 
 
-def probe_batches(train, s: dict, seed: int):
-    """The batches ``time_steps`` times the recipe's training step on: augmented as in training."""
-    return make_batches(train, s["batch_size"], augment=s["augment"], elastic=s["elastic"],
-                        aug_generator=torch.Generator().manual_seed(seed))
-
-
 def run_vitlab(train, test, budget: float, times: list[float], seed: int, overrides: dict) -> dict:
     """One run of vitlab's recipe -> {checkpoint seconds: accuracy}."""
     config, s = vitlab_recipe(overrides)
@@ -136,7 +130,8 @@ def run_vitlab(train, test, budget: float, times: list[float], seed: int, overri
                            elastic=s["elastic"], aug_generator=aug_generator, drop_last=s["compile"])
     clock = Clock()
     forward = torch.compile(model) if s["compile"] else model  # compiled in the probe's first step, on the clock
-    step_s, _ = time_steps(model, forward, probe_batches(train, s, seed), s["label_smoothing"], s["clip_grad"])
+    probe = probe_batches(train, s["batch_size"], augment=s["augment"], elastic=s["elastic"], seed=seed)
+    step_s, _ = time_steps(model, forward, probe, s["label_smoothing"], s["clip_grad"])
     total = plan_steps(budget - clock(), step_s, 0.0, len(batches))
     optimizer, scheduler = make_optimizer(model, s["lr"], s["weight_decay"], total, s["warmup"])
     schedule = scheduler.lr_lambdas[0]  # WarmupCosine: its total_steps is re-planned every epoch
@@ -171,7 +166,8 @@ def warm_compile_cache(train, config: ViTConfig, s: dict) -> None:
     load the cache and take a few, on the clock. This prints the one-time cost."""
     start = time.perf_counter()
     model = ViT(config)
-    time_steps(model, torch.compile(model), probe_batches(train, s, 0), s["label_smoothing"], s["clip_grad"])
+    probe = probe_batches(train, s["batch_size"], augment=s["augment"], elastic=s["elastic"], seed=0)
+    time_steps(model, torch.compile(model), probe, s["label_smoothing"], s["clip_grad"])
     torch._dynamo.reset()  # the runs start from the on-disk cache, not from this process's memory
     print(f"compiled once to fill PyTorch's on-disk cache: {time.perf_counter() - start:.1f} s, "
           "not on any run's clock", flush=True)

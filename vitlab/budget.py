@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import make_batches
 from .optim import adamw, param_groups
 
 TIMING_STEPS = 3  # timed training steps (after one untimed step that pays for allocation and compilation)
@@ -29,6 +30,15 @@ def plan_steps(seconds: float, step_seconds: float, eval_seconds_per_epoch: floa
         raise ValueError(f"expected step_seconds > 0 and steps_per_epoch >= 1; got {step_seconds}, {steps_per_epoch}")
     per_step = step_seconds + eval_seconds_per_epoch / steps_per_epoch
     return max(1, int(seconds / per_step))
+
+
+def probe_batches(
+    train, batch_size: int, *, augment: bool, elastic: float, seed: int, device: torch.device | str | None = None
+) -> Iterable:
+    """The batches ``time_steps`` times a training step on: ``train`` batched and augmented as in training,
+    with its own augmentation generator (seeded by ``seed``), so the run's generators are left untouched."""
+    return make_batches(train, batch_size, augment=augment, elastic=elastic, device=device,
+                        aug_generator=torch.Generator(device=device).manual_seed(seed))
 
 
 def _sync(device: torch.device) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import make_batches, num_images
-from .budget import plan_steps, time_steps
+from .budget import plan_steps, probe_batches, time_steps
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .history import History
 from .optim import make_optimizer
@@ -272,8 +272,7 @@ def fit(
             )
             total = epochs * steps_per_epoch
     elif time_budget is not None:
-        probe = make_batches(train, batch_size, augment=augment, elastic=elastic, device=device,
-                             aug_generator=torch.Generator(device=device).manual_seed(seed))
+        probe = probe_batches(train, batch_size, augment=augment, elastic=elastic, seed=seed, device=device)
         step_s, eval_s = time_steps(model, forward, probe, label_smoothing, clip_grad)
         eval_s_per_epoch = eval_s * num_images(val) if val is not None else 0.0
         total = plan_steps(time_budget - (time.perf_counter() - start), step_s, eval_s_per_epoch, steps_per_epoch)
