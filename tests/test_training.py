@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tiny_digits import tiny_digits, tiny_vit
 
 from vitlab import training
@@ -176,6 +177,25 @@ def test_ema_averages_the_weights_with_a_warmup_ramp_and_copies_buffers():
     assert not any(p.requires_grad for p in average.model.parameters())
     with pytest.raises(ValueError, match=r"ema decay must be in \(0, 1\).*got 1.0"):
         training.EMA(model, 1.0)
+
+
+def test_ema_follows_the_state_dict_and_a_replaced_parameter():
+    model = tiny_vit(window=3)  # a non-persistent buffer (the window mask), left out as state_dict leaves it out
+    average = training.EMA(model, decay=0.5)
+    for step in range(3):
+        before = {k: v.clone() for k, v in average.model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        if step == 1:  # a module takes a new parameter object, as set_image_size does
+            model.head.weight = nn.Parameter(torch.full_like(model.head.weight, 3.0))
+        average.update(model)
+        d = min(0.5, (1 + average.updates) / (training.EMA_WARMUP + average.updates))
+        for name, value in average.model.state_dict().items():
+            torch.testing.assert_close(value, d * before[name] + (1 - d) * model.state_dict()[name])
+    assert set(average.model.state_dict()) == set(model.state_dict())
+    with pytest.raises(ValueError, match="expected the model this average was made from"):
+        average.update(tiny_vit(depth=3))
 
 
 def test_fit_with_ema_validates_saves_and_returns_the_average(tmp_path):

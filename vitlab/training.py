@@ -137,6 +137,7 @@ class EMA:
     the ramp keeps the random initial weights from lingering in the average for the first ``1 / (1 - decay)``
     steps. Buffers (and any non-float entry) are copied as they are. With a high learning rate the raw
     weights jitter around a good point; their average sits nearer to it, so it scores higher mid-run.
+    Every entry of the model's ``state_dict`` takes part, and no other tensor.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -146,19 +147,50 @@ class EMA:
         self.updates = 0
         self.model = copy.deepcopy(model).eval()
         self.model.requires_grad_(False)
+        self._holders: tuple[nn.Module, list] | None = None  # (model, its (module, my module) pairs), see _pairs
+
+    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """-> (my tensors, ``model``'s tensors), paired as ``state_dict`` pairs them, without building one.
+
+        A ``state_dict`` walks every module (every Tap too) on each call; the modules that hold tensors
+        are found once, and their tensors are read afresh each time, so a parameter that a module
+        replaces (``set_image_size``) is the one averaged from then on.
+        """
+        if self._holders is None or self._holders[0] is not model:
+            names = [name for name, _ in model.named_modules()]
+            if names != [name for name, _ in self.model.named_modules()]:
+                raise ValueError(
+                    f"expected the model this average was made from ({type(self.model).__name__}, "
+                    f"{len(list(self.model.modules()))} modules); got a {type(model).__name__} of another structure"
+                )
+            pairs = [
+                (theirs, mine) for theirs, mine in zip(model.modules(), self.model.modules())
+                if theirs._parameters or theirs._buffers
+            ]
+            self._holders = (model, pairs)
+        mine, theirs = [], []
+        for their_module, my_module in self._holders[1]:
+            skip = their_module._non_persistent_buffers_set
+            for table, my_table in ((their_module._parameters, my_module._parameters),
+                                    (their_module._buffers, my_module._buffers)):
+                for name, value in table.items():
+                    if value is not None and name not in skip:
+                        theirs.append(value)
+                        mine.append(my_table[name])
+        return mine, theirs
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the average one step towards ``model``'s current weights."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (EMA_WARMUP + self.updates))
-        mine, theirs = self.model.state_dict(), model.state_dict()
-        floats = [name for name, value in theirs.items() if value.is_floating_point()]
+        mine, theirs = self._pairs(model)
+        floats = [i for i, value in enumerate(theirs) if value.is_floating_point()]
         # One fused call over every float tensor, not one small op per tensor.
-        torch._foreach_lerp_([mine[name] for name in floats], [theirs[name] for name in floats], 1.0 - decay)
-        for name, value in theirs.items():
+        torch._foreach_lerp_([mine[i] for i in floats], [theirs[i] for i in floats], 1.0 - decay)
+        for my_value, value in zip(mine, theirs):
             if not value.is_floating_point():
-                mine[name].copy_(value)
+                my_value.copy_(value)
 
 
 def _until(batches: Iterable, deadline: float) -> Iterator:
