@@ -166,6 +166,19 @@ def test_a_model_of_another_shape_names_each_differing_field(tmp_path):
     assert model.config.drop_path == 0.1
 
 
+def test_a_checkpoint_older_than_a_config_field_loads_as_that_fields_default(tmp_path):
+    model = tiny_vit()
+    save_checkpoint(tmp_path / "c.pt", model)
+    checkpoint = torch.load(tmp_path / "c.pt", weights_only=True)
+    del checkpoint["config"]["final_norm"]  # as saved before the field existed
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(tmp_path / "old.pt", tiny_vit(seed=1))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert load_checkpoint(tmp_path / "old.pt")[0].config == model.config
+    with pytest.raises(ValueError, match=r"final_norm: model has 'pooled', checkpoint has 'tokens'"):
+        load_checkpoint(tmp_path / "old.pt", tiny_vit(final_norm="pooled"))
+
+
 def test_missing_optimizer_state_is_an_error_not_a_silent_fresh_start(tmp_path):
     model = tiny_vit()
     save_checkpoint(tmp_path / "weights_only.pt", model)

@@ -73,6 +73,7 @@ def test_dim_not_divisible_by_heads():
         ("pool", "max", r"\('cls', 'mean'\)"),
         ("pos_embed", "rope", r"\('learned', 'sincos', 'none'\)"),
         ("norm", "sandwich", r"\('pre', 'post'\)"),
+        ("final_norm", "both", r"\('tokens', 'pooled'\)"),
         ("patch_embed", "mlp", r"\('conv', 'linear'\)"),
         ("attn_impl", "flash", r"\('auto', 'fused', 'explicit'\)"),
     ],
@@ -82,11 +83,24 @@ def test_unknown_kind_names_allowed_and_received(field, value, allowed):
         ViTConfig(**{field: value})
 
 
-@pytest.mark.parametrize("field", ["image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_dim"])
+@pytest.mark.parametrize("field", ["image_size", "patch_size", "in_channels", "dim", "depth", "heads", "mlp_dim"])
 @pytest.mark.parametrize("value", [0, -1, 2.0, True])
 def test_sizes_must_be_positive_ints(field, value):
     with pytest.raises(ValueError, match=rf"{field} must be a positive int; got {value!r}"):
         ViTConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [-1, 2.0, True])
+def test_num_classes_is_an_int_from_zero(value):
+    assert ViTConfig(num_classes=0).num_classes == 0  # no head: a feature extractor
+    with pytest.raises(ValueError, match=rf"num_classes must be an int >= 0 \(0: no head\); got {value!r}"):
+        ViTConfig(num_classes=value)
+
+
+def test_a_pooled_final_norm_needs_the_pre_norm_model():
+    assert ViTConfig(final_norm="pooled").final_norm == "pooled"
+    with pytest.raises(ValueError, match="final_norm='pooled' needs norm='pre'.*got norm='post'"):
+        ViTConfig(final_norm="pooled", norm="post")
 
 
 def test_sincos_needs_dim_divisible_by_four():

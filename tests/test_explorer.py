@@ -85,6 +85,11 @@ def test_explorer_rejects_images_the_model_cannot_take():
         AttentionExplorer(small_model(), torch.zeros(3, 1, 28, 28), torch.zeros(3))
 
 
+def test_explorer_rejects_a_model_without_a_head():
+    with pytest.raises(ValueError, match=r"expected a classifier.*got a model with num_classes=0"):
+        AttentionExplorer(small_model(num_classes=0), *small_set())
+
+
 # --- the figure -------------------------------------------------------------------------------------
 
 

@@ -130,6 +130,10 @@ def test_timm_one_channel_mnist_sized():
     "kwargs, field, value",
     [
         (dict(global_pool="avg", fc_norm=False), "pool", "mean"),  # norm every token, then mean: vitlab's "mean"
+        (dict(global_pool="avg"), "final_norm", "pooled"),  # timm's default for 'avg': mean, then fc_norm
+        (dict(fc_norm=True), "final_norm", "pooled"),  # the CLS token, then fc_norm
+        (dict(num_classes=0), "num_classes", 0),  # a feature extractor: the pooled (B, D) features
+        (dict(num_classes=0, global_pool="avg"), "num_classes", 0),
         (dict(pos_embed="none"), "pos_embed", "none"),
         (dict(qkv_bias=False), "qkv_bias", False),
         (dict(norm_layer=partial(nn.LayerNorm, eps=1e-5)), "layer_norm_eps", 1e-5),
@@ -145,7 +149,6 @@ def test_timm_variants_vitlab_can_represent(kwargs, field, value):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(global_pool="avg"), "global_pool='avg' with fc_norm=LayerNorm"),  # timm's default for 'avg'
         (dict(global_pool="map"), "global_pool='map'"),
         (dict(global_pool="max", fc_norm=False), "global_pool='max'"),
         (dict(init_values=1e-5), "init_values (blocks.0.ls1 is a LayerScale)"),
@@ -253,6 +256,21 @@ def test_from_state_dict_reads_the_config_off_the_weights(source):
     vit = from_state_dict(peer.state_dict(), source, heads=4)
     assert vit.config == convert(peer).config
     assert_same_logits(peer, vit, images())
+
+
+@pytest.mark.parametrize("kwargs", [dict(global_pool="avg"), dict(num_classes=0), dict(num_classes=0, fc_norm=True)])
+def test_from_state_dict_reads_timm_fc_norm_and_a_missing_head_off_the_weights(kwargs):
+    peer = timm_vit(**kwargs)
+    vit = from_state_dict(peer.state_dict(), "timm", heads=4, pool="mean" if "global_pool" in kwargs else "cls")
+    assert vit.config == from_timm(peer).config
+    assert_same_logits(peer, vit, images())
+
+
+def test_timm_with_both_a_norm_and_an_fc_norm_is_named():
+    peer = timm_vit(fc_norm=True)
+    peer.norm = nn.LayerNorm(64, eps=1e-6)
+    with pytest.raises(ValueError, match=re.escape("timm model uses norm=LayerNorm and fc_norm=LayerNorm")):
+        from_timm(peer)
 
 
 def test_from_state_dict_needs_the_heads():

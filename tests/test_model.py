@@ -63,6 +63,27 @@ def test_pre_norm_features_are_normalised_and_post_norm_has_no_extra_norm():
     assert not any(n.startswith("norm.") for n, _ in post.named_parameters())
 
 
+def test_a_pooled_final_norm_normalises_the_pooled_token_with_the_same_weights():
+    tokens_model, pooled_model = small(pool="mean"), small(pool="mean", final_norm="pooled")
+    assert tokens_model.state_dict().keys() == pooled_model.state_dict().keys()  # one norm, at another place
+    x = images()
+    feats = pooled_model.forward_features(x)
+    assert feats.mean(-1).abs().max() > 0.01  # the tokens are not normalised
+    pooled = pooled_model.forward_head(feats, pre_logits=True)
+    assert_close(pooled, pooled_model.norm(feats[:, 1:].mean(dim=1)))
+    assert_close(pooled_model(x), pooled_model.head(pooled))
+    assert not torch.allclose(pooled_model(x), tokens_model(x), atol=1e-3)  # norm-then-pool differs from pool-then-norm
+
+
+def test_no_head_returns_the_pooled_features():
+    model = small(num_classes=0)
+    assert isinstance(model.head, torch.nn.Identity)
+    assert not any(n.startswith("head.") for n, _ in model.named_parameters())
+    x = images()
+    assert model(x).shape == (3, 16)
+    assert torch.equal(model(x), model.forward_head(model.forward_features(x), pre_logits=True))
+
+
 def count_by_hand(c, pos_params, final_norm):
     D, M = c["dim"], c["mlp_dim"]
     patch = D * c["in_channels"] * c["patch_size"] ** 2 + D

@@ -147,8 +147,12 @@ def _read(path: Path, map_location) -> dict:
 
 
 def config_differences(model_config: ViTConfig, stored: dict) -> list[str]:
-    """-> ["dim: model has 64, checkpoint has 96", ...] for every weight-shaping field that differs."""
+    """-> ["dim: model has 64, checkpoint has 96", ...] for every weight-shaping field that differs.
+
+    A field newer than the checkpoint (absent from ``stored``) counts as its default, which is what the
+    models saved before it existed did."""
     mine = model_config.to_dict()
+    stored = {**ViTConfig().to_dict(), **stored}
     return [
         f"{name}: model has {mine[name]!r}, checkpoint has {stored.get(name)!r}"
         for name in mine

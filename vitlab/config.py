@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 POOLS = ("cls", "mean")
 POS_EMBEDS = ("learned", "sincos", "none")
 NORMS = ("pre", "post")
+FINAL_NORMS = ("tokens", "pooled")
 PATCH_EMBEDS = ("conv", "linear")
 ATTN_IMPLS = ("auto", "fused", "explicit")
 
@@ -33,7 +34,7 @@ class ViTConfig:
     image_size: int = 28  # side of the square input image, in pixels
     patch_size: int = 7  # side of a square patch; image_size must be a multiple
     in_channels: int = 1  # C: 1 for MNIST, 3 for RGB photos
-    num_classes: int = 10  # size of the classification head's output
+    num_classes: int = 10  # size of the classification head's output; 0: no head, the model returns (B, D) features
     dim: int = 64  # D: width of every token
     depth: int = 6  # L: number of encoder blocks
     heads: int = 4  # h: attention heads; dim must be a multiple, d = dim // heads
@@ -41,6 +42,7 @@ class ViTConfig:
     pool: str = "cls"  # "cls": the CLS token's output; "mean": mean of the patch tokens
     pos_embed: str = "learned"  # "learned" | "sincos" (2-D, fixed) | "none"
     norm: str = "pre"  # "pre": ViT block (norm inside the residual); "post": original Transformer
+    final_norm: str = "tokens"  # the pre-norm model's last LayerNorm: on every token, or on the pooled one (timm fc_norm)
     patch_embed: str = "linear"  # "linear": Linear on flattened patches | "conv": Conv2d(k=s=P); same function
     dropout: float = 0.0  # dropout on embeddings, attention output and MLP
     attn_dropout: float = 0.0  # dropout on the attention probabilities
@@ -51,10 +53,13 @@ class ViTConfig:
     attn_impl: str = "auto"  # "fused" (F.scaled_dot_product_attention), "explicit", or "auto"
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_dim"):
+        for name in ("image_size", "patch_size", "in_channels", "dim", "depth", "heads", "mlp_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
+        value = self.num_classes
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no head); got {value!r}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size must be divisible by patch_size: got image_size={self.image_size}, "
@@ -65,6 +70,9 @@ class ViTConfig:
         check_choice("pool", self.pool, POOLS)
         check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
         check_choice("norm", self.norm, NORMS)
+        check_choice("final_norm", self.final_norm, FINAL_NORMS)
+        if self.final_norm == "pooled" and self.norm == "post":
+            raise ValueError("final_norm='pooled' needs norm='pre': a post-norm model has no final norm; got norm='post'")
         check_choice("patch_embed", self.patch_embed, PATCH_EMBEDS)
         check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         if self.pos_embed == "sincos" and self.dim % 4:

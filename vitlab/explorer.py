@@ -246,6 +246,9 @@ class AttentionExplorer:
                 raise ValueError(f"expected one label per image, shape ({len(images)},); got {tuple(labels.shape)}")
         if display_images is not None and len(display_images) != len(images):
             raise ValueError(f"expected one display image per image ({len(images)}); got {len(display_images)}")
+        if config.num_classes == 0:
+            raise ValueError("expected a classifier, whose predictions the explorer shows; got a model with "
+                             "num_classes=0 (no head)")
         names = [str(i) for i in range(config.num_classes)] if class_names is None else list(class_names)
         if len(names) != config.num_classes:
             raise ValueError(f"expected {config.num_classes} class names (config.num_classes); got {len(names)}")

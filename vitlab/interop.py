@@ -39,8 +39,9 @@ SOURCES = ("timm", "torchvision", "huggingface")
 # "{i}" is a block index; a tuple of names is concatenated along dim 0 (out-features).
 
 
-def _timm_names() -> dict:
-    """vitlab name -> timm name: timm's VisionTransformer uses the same layout as vitlab."""
+def _timm_names(final_norm: str = "tokens") -> dict:
+    """vitlab name -> timm name: timm's VisionTransformer uses the same layout as vitlab. timm calls the
+    final LayerNorm ``fc_norm`` where it acts after pooling (vitlab's final_norm="pooled")."""
     return {
         "patch_embed.proj": "patch_embed.proj",
         "cls_token.weight": "cls_token",
@@ -51,7 +52,7 @@ def _timm_names() -> dict:
         "blocks.{i}.norm2": "blocks.{i}.norm2",
         "blocks.{i}.mlp.fc1": "blocks.{i}.mlp.fc1",
         "blocks.{i}.mlp.fc2": "blocks.{i}.mlp.fc2",
-        "norm": "norm",
+        "norm": "fc_norm" if final_norm == "pooled" else "norm",
         "head": "head",
     }
 
@@ -94,6 +95,11 @@ def _huggingface_names() -> dict:
 
 
 _NAMES = {"timm": _timm_names, "torchvision": _torchvision_names, "huggingface": _huggingface_names}
+
+
+def _names(source: str, final_norm: str = "tokens") -> dict:
+    """The name table of ``source`` for a model whose final norm sits at ``final_norm`` (timm's tables differ)."""
+    return _timm_names(final_norm) if source == "timm" else _NAMES[source]()
 
 # Older releases saved some weights under other names; their checkpoints are renamed first
 # (pattern -> replacement, applied in order).
@@ -224,14 +230,16 @@ def _timm_config(model) -> ViTConfig:
     _require(isinstance(model.norm_pre, nn.Identity), src, "pre_norm=True", "no norm before the blocks")
     pools = {"token": "cls", "avg": "mean"}
     _require(model.global_pool in pools, src, f"global_pool={model.global_pool!r}", "'token' and 'avg'")
-    # vitlab normalises every token and then pools; a norm after pooling would need a core change.
-    _require(isinstance(model.fc_norm, nn.Identity), src,
-             f"global_pool={model.global_pool!r} with fc_norm={_name(model.fc_norm)} (a norm after pooling)",
-             "a final norm before pooling only (timm's fc_norm=False)")
-    _require(isinstance(model.norm, nn.LayerNorm), src, f"norm={_name(model.norm)} (final_norm=False?)",
-             "a final LayerNorm")
+    # One final LayerNorm: timm's norm on every token, or its fc_norm on the pooled token (vitlab's final_norm).
+    pooled_norm = not isinstance(model.fc_norm, nn.Identity)
+    final = model.fc_norm if pooled_norm else model.norm
+    _require(isinstance(final, nn.LayerNorm), src,
+             f"{'fc_norm' if pooled_norm else 'norm'}={_name(final)} (final_norm=False?)", "a final LayerNorm")
+    _require(not pooled_norm or isinstance(model.norm, nn.Identity), src,
+             f"norm={_name(model.norm)} and fc_norm={_name(model.fc_norm)}", "one final norm, before or after pooling")
     _require(not model.pool_include_prefix, src, "pool_include_prefix=True", "a mean over the patch tokens only")
-    _require(isinstance(model.head, nn.Linear), src, f"num_classes={model.num_classes}", "a Linear head")
+    _require(isinstance(model.head, (nn.Linear, nn.Identity)), src, f"head={_name(model.head)}",
+             "a Linear head, or none (num_classes=0)")
 
     embed = model.patch_embed
     _require(type(embed) is PatchEmbed, src, f"embed_layer={_name(embed)}", "PatchEmbed")
@@ -261,12 +269,13 @@ def _timm_config(model) -> ViTConfig:
         image_size=image_size,
         patch_size=patch_size,
         in_channels=embed.proj.in_channels,
-        num_classes=model.head.out_features,
+        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
         dim=model.embed_dim,
         depth=len(blocks),
         heads=_one((b.attn.num_heads for b in blocks), src, "num_heads"),
         mlp_dim=_one((b.mlp.fc1.out_features for b in blocks), src, "mlp hidden features"),
         pool=pools[model.global_pool],
+        final_norm="pooled" if pooled_norm else "tokens",
         pos_embed="learned" if model.pos_embed is not None else "none",
         qkv_bias=_one((b.attn.qkv.bias is not None for b in blocks), src, "qkv_bias"),
         layer_norm_eps=_layer_norm_eps(model, src),
@@ -350,7 +359,7 @@ def _convert(state_dict: dict, source: str, config: ViTConfig) -> ViT:
     does not fit ``config``.
     """
     state_dict = _rename_old(state_dict, source)
-    names = _NAMES[source]()
+    names = _names(source, config.final_norm)
     vit = ViT(replace(config, patch_embed="conv"))  # every peer stores a Conv2d patch weight (D, C, P, P)
     weights, missing, used = {}, [], set()
     for key, target in vit.state_dict().items():
@@ -389,7 +398,9 @@ def _config_from_weights(state_dict: dict, source: str, overrides: dict) -> ViTC
             "or a full config"
         )
     state_dict = _rename_old(state_dict, source)
-    names = _NAMES[source]()
+    pooled_norm = source == "timm" and "fc_norm.weight" in state_dict  # timm's norm after pooling
+    final_norm = overrides.get("final_norm", "pooled" if pooled_norm else "tokens")
+    names = _names(source, final_norm)
 
     def shape(key: str) -> tuple[int, ...]:  # the shape of vitlab's `key`, from the peer weight(s) holding it
         sources = _source_names(key, names)
@@ -410,11 +421,13 @@ def _config_from_weights(state_dict: dict, source: str, overrides: dict) -> ViTC
     depth = 0
     while _source_names(f"blocks.{depth}.norm1.weight", names)[0] in state_dict:
         depth += 1
+    headless = _source_names("head.weight", names)[0] not in state_dict  # a feature extractor (timm num_classes=0)
     values = dict(
         image_size=grid * patch_size,
         patch_size=patch_size,
         in_channels=in_channels,
-        num_classes=shape("head.weight")[0],
+        num_classes=0 if headless else shape("head.weight")[0],
+        final_norm=final_norm,
         dim=dim,
         depth=depth,
         mlp_dim=shape("blocks.0.mlp.fc1.weight")[0],
@@ -430,9 +443,9 @@ def _config_from_weights(state_dict: dict, source: str, overrides: dict) -> ViTC
 def from_timm(model: nn.Module) -> ViT:
     """timm VisionTransformer -> vitlab ViT with the same weights and config (eval mode, float32, CPU).
 
-    Supported: the standard ViT (class token, learned or no position embeddings, global_pool 'token',
-    or 'avg' with fc_norm=False). Anything else (LayerScale, qk_norm, registers, fc_norm, ...) raises
-    ValueError naming it.
+    Supported: the standard ViT (class token, learned or no position embeddings, global_pool 'token' or
+    'avg', the final LayerNorm before pooling or after it (fc_norm), a Linear head or none (num_classes=0,
+    a feature extractor)). Anything else (LayerScale, qk_norm, registers, ...) raises ValueError naming it.
     """
     return _convert(model.state_dict(), "timm", _timm_config(model))
 
@@ -459,7 +472,8 @@ def from_state_dict(state_dict: dict, source: str, config: ViTConfig | None = No
 
     ``config=None`` reads the sizes off the weight shapes and takes the rest from ``overrides``:
     ``heads`` is required (no weight shape holds it); ``layer_norm_eps`` defaults to the library's
-    (1e-6 timm and torchvision, 1e-12 Hugging Face) and ``pool`` to "cls". With a config, ``overrides``
+    (1e-6 timm and torchvision, 1e-12 Hugging Face) and ``pool`` to "cls"; timm weights without a head
+    give num_classes=0, and timm's fc_norm final_norm="pooled". With a config, ``overrides``
     replace its fields. Checkpoints saved by older releases of torchvision and transformers, with older
     key names, are accepted. Raises ValueError naming the missing, unexpected or mis-shaped keys.
     """

@@ -33,7 +33,7 @@ def _init_weights(model: "ViT") -> None:
 
 
 class ViT(nn.Module):
-    """(B, C, H, W) -> (B, num_classes).
+    """(B, C, H, W) -> (B, num_classes); with num_classes=0, (B, D) pooled features.
 
     ``ViT(config)`` or ``ViT(image_size=..., patch_size=..., ...)`` with ``ViTConfig``'s fields.
     ``forward_features`` stops at the normalised tokens (B, N, D); ``forward_head`` pools and classifies.
@@ -63,16 +63,17 @@ class ViT(nn.Module):
             )
             for rate in rates
         )
-        # A post-norm block already ends in a LayerNorm, so only the pre-norm model needs a final one.
+        # A post-norm block already ends in a LayerNorm, so only the pre-norm model needs a final one:
+        # on every token (B, N, D), or with final_norm="pooled" on the pooled token (B, D).
         self.norm = nn.LayerNorm(c.dim, eps=c.layer_norm_eps) if c.norm == "pre" else nn.Identity()
         self.pool = Tap()  # (B, D)
-        self.head = nn.Linear(c.dim, c.num_classes)  # (B, num_classes)
+        self.head = nn.Linear(c.dim, c.num_classes) if c.num_classes else nn.Identity()  # (B, num_classes) or (B, D)
         self._set_mask()
         _init_weights(self)
 
     def _set_mask(self) -> None:
         c = self.config
-        device = self.head.weight.device  # set_image_size may run after the model has moved
+        device = self.cls_token.weight.device  # set_image_size may run after the model has moved
         mask = local_window_mask(c.grid_size, c.window).to(device) if c.window else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
@@ -101,22 +102,25 @@ class ViT(nn.Module):
             )
 
     def forward_features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, D): the encoder's output tokens, normalised; token 0 is CLS."""
+        """(B, C, H, W) -> (B, N, D): the encoder's output tokens, token 0 is CLS; normalised, unless
+        ``config.final_norm`` is "pooled" (the norm then acts in ``forward_head``, after pooling)."""
         self.check_images(images)
         mask = self.attn_mask if mask is None else mask
         x = self.patch_embed(self.input(images))  # (B, N-1, D)
         x = self.pos_drop(self.pos_embed(self.cls_token(x)))  # (B, N, D)
         for block in self.blocks:
             x = block(x, mask)  # (B, N, D)
-        return self.norm(x)
+        return x if self.config.final_norm == "pooled" else self.norm(x)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, N, D) -> (B, num_classes), or the pooled (B, D) with ``pre_logits=True``."""
+        """(B, N, D) -> (B, num_classes), or the pooled (B, D) with ``pre_logits=True`` (and with num_classes=0)."""
         pooled = self.pool(tokens[:, 0] if self.config.pool == "cls" else tokens[:, 1:].mean(dim=1))  # (B, D)
+        if self.config.final_norm == "pooled":
+            pooled = self.norm(pooled)  # (B, D)
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_classes) logits."""
+        """(B, C, H, W) -> (B, num_classes) logits; (B, D) features for num_classes=0."""
         return self.forward_head(self.forward_features(images, mask))
 
     def set_attention(self, fused: bool) -> None:
