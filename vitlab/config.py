@@ -42,7 +42,7 @@ class ViTConfig:
     pool: str = "cls"  # "cls": the CLS token's output; "mean": mean of the patch tokens
     pos_embed: str = "learned"  # "learned" | "sincos" (2-D, fixed) | "none"
     norm: str = "pre"  # "pre": ViT block (norm inside the residual); "post": original Transformer
-    final_norm: str = "tokens"  # the pre-norm model's last LayerNorm: on every token, or on the pooled one (timm fc_norm)
+    final_norm: str = "tokens"  # "tokens": the last LayerNorm acts on each token; "pooled": on the pooled one (fc_norm)
     patch_embed: str = "linear"  # "linear": Linear on flattened patches | "conv": Conv2d(k=s=P); same function
     dropout: float = 0.0  # dropout on embeddings, attention output and MLP
     attn_dropout: float = 0.0  # dropout on the attention probabilities
@@ -72,7 +72,9 @@ class ViTConfig:
         check_choice("norm", self.norm, NORMS)
         check_choice("final_norm", self.final_norm, FINAL_NORMS)
         if self.final_norm == "pooled" and self.norm == "post":
-            raise ValueError("final_norm='pooled' needs norm='pre': a post-norm model has no final norm; got norm='post'")
+            raise ValueError(
+                "final_norm='pooled' needs norm='pre' (a post-norm model has no final norm); got norm='post'"
+            )
         check_choice("patch_embed", self.patch_embed, PATCH_EMBEDS)
         check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         if self.pos_embed == "sincos" and self.dim % 4:

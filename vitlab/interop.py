@@ -101,6 +101,7 @@ def _names(source: str, final_norm: str = "tokens") -> dict:
     """The name table of ``source`` for a model whose final norm sits at ``final_norm`` (timm's tables differ)."""
     return _timm_names(final_norm) if source == "timm" else _NAMES[source]()
 
+
 # Older releases saved some weights under other names; their checkpoints are renamed first
 # (pattern -> replacement, applied in order).
 _OLD_NAMES = {
