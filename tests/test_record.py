@@ -160,6 +160,27 @@ def test_shape_trace_order(kind, embed_steps):
     assert len(table.splitlines()) == len(rec.shapes) + 2
 
 
+@pytest.mark.parametrize("final_norm, tail", [
+    ("tokens", [("norm", (B, N, D)), ("pool", (B, D)), ("head", (B, 5)), ("logits", (B, 5))]),
+    ("pooled", [("pool", (B, D)), ("norm", (B, D)), ("head", (B, 5)), ("logits", (B, 5))]),  # timm's fc_norm
+])
+def test_the_trace_shows_where_the_final_norm_acts(final_norm, tail):
+    model = small(final_norm=final_norm)
+    with record(model) as rec:
+        model(images())
+    assert rec.shapes[-4:] == tail
+
+
+def test_a_model_without_a_head_records_its_features_as_the_output():
+    model = small(num_classes=0)
+    with record(model) as rec:
+        features = model(images())
+    assert features.shape == (B, D)
+    assert torch.equal(rec.logits, features)
+    assert rec.shapes[-2:] == [("pool", (B, D)), ("logits", (B, D))]  # no head module to trace
+    assert rec.attentions.shape == (B, L, H, N, N)
+
+
 def test_seed_numbers_224_image_16_pixel_patches():
     torch.manual_seed(0)
     model = ViT(image_size=224, patch_size=16, in_channels=3, dim=768, depth=1, heads=12, mlp_dim=64,
