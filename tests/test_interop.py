@@ -240,10 +240,31 @@ def test_huggingface_feature_vitlab_lacks_is_named(kwargs, message):
         from_huggingface(peer)
 
 
-def test_huggingface_model_without_a_classifier_is_refused():
+def huggingface_encoder(add_pooling_layer: bool = False) -> nn.Module:
     transformers = pytest.importorskip("transformers")
-    with pytest.raises(ValueError, match="got a ViTModel, which has no classifier"):
-        from_huggingface(transformers.ViTModel(huggingface_config()))
+    return randomise(transformers.ViTModel(huggingface_config(), add_pooling_layer=add_pooling_layer))
+
+
+def test_huggingface_vit_model_becomes_a_model_without_a_head():
+    peer = huggingface_encoder()
+    vit = from_huggingface(peer)
+    assert (vit.config.num_classes, vit.config.pool) == (0, "cls")
+    x = images()
+    with torch.no_grad():
+        expected = peer(x).last_hidden_state[:, 0]  # the CLS token of the final layernorm's output
+    assert expected.std() > 0.1
+    assert_close(vit(x), expected, atol=1e-5, rtol=1e-5)
+    from_keys = from_state_dict(peer.state_dict(), "huggingface", heads=4)  # keys without the "vit." prefix
+    assert from_keys.config == vit.config
+    assert_close(from_keys(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_huggingface_vit_model_with_a_pooler_is_refused():
+    pooler = "huggingface model uses a pooler (ViTModel's add_pooling_layer=True"
+    with pytest.raises(ValueError, match=re.escape(pooler)):
+        from_huggingface(huggingface_encoder(add_pooling_layer=True))
+    with pytest.raises(ValueError, match=r"unexpected keys \['vit.pooler.dense.bias', 'vit.pooler.dense.weight'\]"):
+        from_state_dict(huggingface_encoder(add_pooling_layer=True).state_dict(), "huggingface", heads=4)
 
 
 # --- from_state_dict ------------------------------------------------------------------------------

@@ -102,15 +102,19 @@ def _names(source: str, final_norm: str = "tokens") -> dict:
     return _timm_names(final_norm) if source == "timm" else _NAMES[source]()
 
 
-# Older releases saved some weights under other names; their checkpoints are renamed first
-# (pattern -> replacement, applied in order).
+# The same weights under other names, renamed first (pattern -> replacement, applied in order): the
+# names of older releases, and the keys of a Hugging Face ViTModel, which lack ViTForImageClassification's
+# "vit." prefix.
 _OLD_NAMES = {
     "timm": [],
     "torchvision": [  # MLPBlock before it became a torchvision.ops.MLP
         (r"\.mlp\.linear_1\.", ".mlp.0."),
         (r"\.mlp\.linear_2\.", ".mlp.3."),
     ],
-    "huggingface": [  # transformers before the q_proj / k_proj / v_proj layout
+    "huggingface": [
+        # a ViTModel (no classifier) holds the encoder of ViTForImageClassification without its "vit." prefix
+        (r"^(embeddings|encoder|layers|layernorm|pooler)\.", r"vit.\1."),
+        # transformers before the q_proj / k_proj / v_proj layout
         (r"\.encoder\.layer\.(\d+)\.", r".layers.\1."),
         (r"\.attention\.attention\.query\.", ".attention.q_proj."),
         (r"\.attention\.attention\.key\.", ".attention.k_proj."),
@@ -315,22 +319,25 @@ def _torchvision_config(model) -> ViTConfig:
 
 
 def _huggingface_config(model) -> ViTConfig:
-    """Hugging Face ViTForImageClassification -> the ViTConfig it matches; ValueError naming a feature vitlab lacks."""
+    """Hugging Face ViTForImageClassification, or ViTModel without a pooler -> the ViTConfig it matches;
+    ValueError naming a feature vitlab lacks."""
     from transformers import ViTForImageClassification, ViTModel
 
     src = "huggingface"
-    if isinstance(model, ViTModel):
-        raise ValueError(
-            "expected a transformers ViTForImageClassification; got a ViTModel, which has no classifier "
-            "(vitlab's ViT always ends in a head)"
-        )
-    _require_type(model, ViTForImageClassification)
+    headless = isinstance(model, ViTModel)
+    if headless:
+        _require(model.pooler is None, src,
+                 "a pooler (ViTModel's add_pooling_layer=True: Linear and tanh on the CLS token)",
+                 "a ViTModel built or loaded with add_pooling_layer=False")
+    else:
+        _require_type(model, ViTForImageClassification)
     c = model.config
     _require(c.hidden_act == "gelu", src, f"hidden_act={c.hidden_act!r}", "'gelu' (exact, erf)")
     image_size, patch_size = _side(c.image_size), _side(c.patch_size)
     _require(image_size is not None, src, f"image_size={c.image_size}", "square images")
     _require(patch_size is not None, src, f"patch_size={c.patch_size}", "square patches")
-    _require(isinstance(model.classifier, nn.Linear), src, f"num_labels={c.num_labels}", "a Linear classifier")
+    _require(headless or isinstance(model.classifier, nn.Linear), src, f"num_labels={c.num_labels}",
+             "a Linear classifier")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     _require(head_dim * c.num_attention_heads == c.hidden_size, src, f"head_dim={head_dim}",
              f"hidden_size // num_attention_heads = {c.hidden_size // c.num_attention_heads}")
@@ -338,7 +345,7 @@ def _huggingface_config(model) -> ViTConfig:
         image_size=image_size,
         patch_size=patch_size,
         in_channels=c.num_channels,
-        num_classes=model.classifier.out_features,
+        num_classes=0 if headless else model.classifier.out_features,
         dim=c.hidden_size,
         depth=c.num_hidden_layers,
         heads=c.num_attention_heads,
@@ -462,8 +469,9 @@ def from_torchvision(model: nn.Module) -> ViT:
 def from_huggingface(model: nn.Module) -> ViT:
     """Hugging Face ViTForImageClassification -> vitlab ViT with the same weights and config (eval mode, float32, CPU).
 
-    Raises ValueError for a hidden_act other than exact 'gelu', non-square images or patches, or a
-    ViTModel (no classifier).
+    A ViTModel (the encoder without a classifier) built with ``add_pooling_layer=False`` becomes a model
+    without a head (num_classes=0), whose output is ``last_hidden_state[:, 0]``. Raises ValueError for a
+    hidden_act other than exact 'gelu', non-square images or patches, or a ViTModel with a pooler.
     """
     return _convert(model.state_dict(), "huggingface", _huggingface_config(model))
 
