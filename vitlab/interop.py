@@ -94,12 +94,11 @@ def _huggingface_names() -> dict:
     }
 
 
-_NAMES = {"timm": _timm_names, "torchvision": _torchvision_names, "huggingface": _huggingface_names}
-
-
 def _names(source: str, final_norm: str = "tokens") -> dict:
-    """The name table of ``source`` for a model whose final norm sits at ``final_norm`` (timm's tables differ)."""
-    return _timm_names(final_norm) if source == "timm" else _NAMES[source]()
+    """The name table of ``source`` for a model whose final norm sits at ``final_norm`` (timm names it by place)."""
+    if source == "timm":
+        return _timm_names(final_norm)
+    return {"torchvision": _torchvision_names, "huggingface": _huggingface_names}[source]()
 
 
 # The same weights under other names, renamed first (pattern -> replacement, applied in order): the
