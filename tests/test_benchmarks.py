@@ -1,0 +1,145 @@
+"""The benchmark scripts whose figures the README and benchmarks/RESULTS.md quote: their pieces, and each
+script run end to end on a budget of a second or two (the figures themselves are not checked here), on
+one thread as every test is (conftest.py)."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitlab import ViTConfig
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tta():
+    return load("time_to_accuracy")
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return load("throughput")
+
+
+# --- time_to_accuracy.py -----------------------------------------------------------------------------
+
+
+def test_budget_recipe_is_the_defaults_with_the_documented_changes(tta):
+    config, settings = tta.vitlab_recipe({})
+    assert config == ViTConfig(depth=4)
+    assert settings["lr"] == 5e-3 and settings["compile"] is True
+    assert settings["batch_size"] == 128 and settings["ema"] == 0.999  # fit's defaults, untouched
+    assert "seed" not in settings  # --seeds sets it
+
+
+def test_set_overrides_the_budget_recipe_and_refuses_unknown_keys(tta):
+    config, settings = tta.vitlab_recipe(tta.parse_overrides(["depth=6", "lr=2e-3", "pool=mean", "ema=None"]))
+    assert (config.depth, config.pool, settings["lr"], settings["ema"]) == (6, "mean", 2e-3, None)
+    with pytest.raises(SystemExit, match=r"\['colour'\]"):
+        tta.vitlab_recipe({"colour": 1})
+    with pytest.raises(SystemExit, match="key=value.*'depth'"):
+        tta.parse_overrides(["depth"])
+
+
+def test_evaluation_time_is_taken_off_the_training_clock(tta, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(tta.time, "perf_counter", lambda: now[0])
+    clock = tta.Clock()
+
+    def evaluate(model, test):
+        now[0] += 50.0  # a slow evaluation
+        return {"accuracy": 0.5}
+
+    monkeypatch.setattr(tta, "evaluate", evaluate)
+    checkpoints = tta.Checkpoints([20, 10], clock, lambda: None, None, "run")
+    now[0] += 9.0
+    checkpoints(step=1)
+    assert checkpoints.scores == {}  # 9 s < 10 s
+    now[0] += 1.0
+    checkpoints(step=2)
+    assert checkpoints.scores == {10: 0.5} and clock() == pytest.approx(10.0)  # the 50 s are not training time
+    checkpoints(step=3, done=True)  # the run ended before 20 s: scored where it stopped
+    assert checkpoints.scores == {10: 0.5, 20: 0.5}
+
+
+def test_table_gives_the_mean_over_seeds_then_each_seed(tta):
+    text = tta.table({"vitlab": {0: {60: 0.97, 300: 0.99}, 1: {60: 0.98, 300: 0.985}}}, [60, 300])
+    assert text.splitlines() == [
+        "| recipe | 60 s | 300 s |",
+        "|---|---|---|",
+        "| vitlab (seeds 0, 1) | **97.50** (97.00 / 98.00) | **98.75** (99.00 / 98.50) |",
+    ]
+
+
+def test_time_to_accuracy_runs_both_recipes_end_to_end(tta, capsys):
+    status = tta.main([
+        "--val-split", "1", "--threads", "1", "--budget", "2", "--checkpoints", "1", "2", "--seeds", "0",
+        "--set", "compile=False", "dim=32", "heads=2", "mlp_dim=64", "batch_size=64",
+    ])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "4,500 training images, 500 validation images (split 1)" in out
+    rows = {line.split(" (seeds")[0]: line for line in out.splitlines() if line.startswith("| vitlab") or
+            line.startswith("| seed")}
+    assert set(rows) == {"| vitlab", "| seed"}
+    for row in rows.values():
+        scores = [float(s) for s in re.findall(r"\*\*(\d+\.\d\d)\*\*", row)]
+        assert len(scores) == 2 and all(0.0 <= s <= 100.0 for s in scores)
+    # One run per checkpoint for vitlab: a 1-s run and a 2-s run, each scored once, at its end.
+    assert len(re.findall(r"vitlab seed 0: \d+ steps", out)) == 2
+
+
+# --- throughput.py -----------------------------------------------------------------------------------
+
+
+def test_every_model_in_the_throughput_table_is_the_same_architecture(throughput):
+    """The same parameters, but for vit-pytorch's two LayerNorms around its patch projection and its q/k/v
+    without bias, and the same inference FLOPs per image, so that images/s compare like with like.
+
+    Training FLOPs differ by what each backward pass computes: timm's and torchvision's fused attention
+    counts its backward as 2.5 forwards (it recomputes), and vit-pytorch's LayerNorm before the patch
+    projection makes that projection's input gradient needed. Within 2% of each other."""
+    models = {"vitlab": throughput.build_vitlab(), "timm": throughput.build_timm(),
+              "torchvision": throughput.build_torchvision(), "vit-pytorch": throughput.build_vit_pytorch()}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    assert params["vitlab"] == params["timm"] == params["torchvision"]
+    patch_dim = throughput.PATCH**2 * throughput.CHANNELS
+    layer_norms, qkv_biases = 2 * patch_dim + 2 * throughput.DIM, throughput.DEPTH * 3 * throughput.DIM
+    assert params["vit-pytorch"] == params["vitlab"] + layer_norms - qkv_biases
+    batch = torch.randn(4, throughput.CHANNELS, throughput.IMAGE, throughput.IMAGE)
+    labels = torch.randint(0, throughput.CLASSES, (4,))
+    infer = {name: throughput.flops_per_image(m, batch, labels, train=False) for name, m in models.items()}
+    assert len(set(infer.values())) == 1, infer
+    train = {name: throughput.flops_per_image(m, batch, labels, train=True) for name, m in models.items()}
+    assert max(train.values()) / min(train.values()) < 1.02, train
+    patches = (throughput.IMAGE // throughput.PATCH) ** 2
+    assert train["vitlab"] == 3 * infer["vitlab"] - 2 * patches * patch_dim * throughput.DIM  # no input gradient
+
+
+def test_throughput_runs_end_to_end(throughput, capsys):
+    throughput.main(["--threads", "1", "--rounds", "1", "--burst", "1", "--batch", "8", "--no-compile"])
+    out = capsys.readouterr().out
+    assert re.search(r"fp32 matmul peak \d+ GFLOP/s", out)
+    for name in ("vitlab", "timm", "torchvision", "vit-pytorch", "vitlab (recording)"):
+        assert re.search(rf"^{re.escape(name)} +[\d,]+ ", out, re.MULTILINE), name
+    assert re.search(r"fastest eager peer: \S+; vitlab eager \d+\.\d\dx", out)
+
+
+# --- attention_crossover.py --------------------------------------------------------------------------
+
+
+def test_attention_crossover_runs_end_to_end(capsys):
+    load("attention_crossover").main(["--threads", "1", "--tokens", "17", "65", "--token-budget", "256", "--rounds", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["17", "15"], ["65", "3"]]  # tokens, batch = 256 // tokens
+    assert all(float(value) > 0 for row in rows for value in row[2:])
