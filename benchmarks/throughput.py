@@ -8,7 +8,10 @@ per image (torch.utils.flop_counter) and achieved GFLOP/s against a matmul peak 
 the same run. Every model trains with the same optimizer, PyTorch's fused AdamW (what
 ``vitlab.optim.make_optimizer`` uses), so the comparison is of the models' forward and backward
 passes. "vitlab (compiled)" is ``fit(compile=True)``'s path: ``torch.compile(model)``; its
-compilation happens in the warm-up, before the clock starts.
+compilation happens in the warm-up, before the clock starts. "vitlab (compiled, bf16)" is
+``fit(compile=True, precision="bf16")``'s: the blocks' Linear products in bf16 (``vitlab.precision``),
+timed only where the CPU multiplies bf16 natively; its GFLOP/s count the same FLOPs, and its share of the
+peak is given against the fp32 peak, with the bf16 matmul peak printed beside it.
 
     python benchmarks/throughput.py                 # 2 threads, batch 128
     python benchmarks/throughput.py --rounds 8 --threads 2 --no-compile
@@ -26,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitlab
+from vitlab.precision import matmuls_in, native_bf16
 
 IMAGE, PATCH, CHANNELS, CLASSES, DIM, DEPTH, HEADS, MLP = 28, 7, 1, 10, 64, 6, 4, 128
 
@@ -69,14 +73,17 @@ class Recorded(nn.Module):
             return self.model(x)
 
 
-def train_step_fn(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, compile: bool = False) -> Callable:
+def train_step_fn(
+    model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, compile: bool = False, precision: str = "fp32"
+) -> Callable:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
     model.train()
     forward = torch.compile(model) if compile else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(forward(batch), labels).backward()
+        with matmuls_in(model, precision):
+            F.cross_entropy(forward(batch), labels).backward()
         optimizer.step()
 
     return step
@@ -105,9 +112,9 @@ def flops_per_image(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor,
     return counter.get_total_flops() / batch.shape[0]
 
 
-def matmul_peak(seconds: float = 2.0, n: int = 1024) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul over about ``seconds``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(seconds: float = 2.0, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of an n x n matmul in ``dtype`` over about ``seconds``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best, end = 0.0, time.perf_counter() + seconds
@@ -155,10 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     infer_flops = {name: flops_per_image(m, batch, labels, train=False) for name, m in models.items()}
 
     train_steps = {name: train_step_fn(m, batch, labels) for name, m in models.items()}
-    if not args.no_compile:
-        compiled = build_vitlab()
-        train_steps["vitlab (compiled)"] = train_step_fn(compiled, batch, labels, compile=True)
-        flops["vitlab (compiled)"], params["vitlab (compiled)"] = flops["vitlab"], params["vitlab"]
+    own = ["vitlab (compiled)", "vitlab (compiled, bf16)"] if native_bf16() else ["vitlab (compiled)"]
+    for name in [] if args.no_compile else own:
+        precision = "bf16" if "bf16" in name else "fp32"
+        train_steps[name] = train_step_fn(build_vitlab(), batch, labels, compile=True, precision=precision)
+        flops[name], params[name] = flops["vitlab"], params["vitlab"]
     infer_steps = {name: infer_fn(m, batch) for name, m in models.items()}
     infer_steps["vitlab (recording)"] = infer_fn(Recorded(models["vitlab"]), batch)
     infer_flops["vitlab (recording)"] = infer_flops["vitlab"]
@@ -167,9 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     train = round_robin(train_steps, args.rounds, args.burst, args.batch)
     infer = round_robin(infer_steps, args.rounds, args.burst, args.batch)
     peak = max(peak, matmul_peak())
+    bf16_peak = f"; bf16 {matmul_peak(dtype=torch.bfloat16):.0f}" if native_bf16() else ""
 
     print(f"threads {args.threads}, batch {args.batch}, torch {torch.__version__}; "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s")
+          f"fp32 matmul peak {peak:.0f} GFLOP/s{bf16_peak}")
     print(f"\ntraining step (forward, backward, fused AdamW), best of {args.rounds} bursts of {args.burst}")
     print(f"{'model':<20} {'params':>8} {'img/s':>8} {'x vitlab':>9} {'MFLOP/img':>10} {'GFLOP/s':>8} {'% peak':>7}")
     for name, ips in sorted(train.items(), key=lambda kv: -kv[1]):
@@ -182,10 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<20} {ips:>8,.0f} {ips / infer['vitlab']:>9.2f} {infer['vitlab'] / ips:>14.2f}")
     peers = {k: v for k, v in train.items() if not k.startswith("vitlab")}
     fastest = max(peers, key=peers.get)
-    own = max(v for k, v in train.items() if k.startswith("vitlab"))
-    print(f"\nfastest eager peer: {fastest}; vitlab eager {train['vitlab'] / peers[fastest]:.2f}x, "
-          f"vitlab's own training path {own / peers[fastest]:.2f}x; recording costs "
-          f"{infer['vitlab'] / infer['vitlab (recording)']:.2f}x plain inference time")
+    paths = "".join(f", {name} {train[name] / peers[fastest]:.2f}x" for name in train if name.startswith("vitlab ("))
+    print(f"\nfastest eager peer: {fastest}; vitlab eager {train['vitlab'] / peers[fastest]:.2f}x{paths}; "
+          f"recording costs {infer['vitlab'] / infer['vitlab (recording)']:.2f}x plain inference time")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Two recipes, trained for each seed on all 5,000 images of ``load_mnist(source="m
 
 - ``vitlab``: vitlab's recipe for a time budget, ``BUDGET_RECIPE``: ``fit``'s defaults and ``ViTConfig()``'s
   (AdamW, warmup then cosine, label smoothing, clipping, batched random affine, the EMA of the weights)
-  with four blocks instead of six, a peak learning rate of 5e-3 instead of 2e-3, and compiled steps; the
-  recipe of ``python -m vitlab.train --depth 4 --lr 5e-3 --compile --time-budget T`` (which plans its
-  cosine once, at the start, where this benchmark re-plans it every epoch). It is built from the
+  with four blocks instead of six, a peak learning rate of 5e-3 instead of 2e-3, compiled steps, and the
+  blocks' Linear products in bf16 where the CPU multiplies bf16 natively (``vitlab.precision``); the recipe
+  of ``python -m vitlab.train --depth 4 --lr 5e-3 --compile [--precision bf16] --time-budget T`` (which
+  plans its cosine once, at the start, where this benchmark re-plans it every epoch). It is built from the
   pieces ``fit`` uses (``make_batches``, ``make_optimizer``, ``train_one_epoch``, ``EMA``) and trains through
   ``torch.compile`` as ``fit(compile=True)`` does; the model is compiled once before any clock starts, so
   that each run's own compilation (on its clock) loads PyTorch's on-disk cache, as every run after the
@@ -52,6 +53,7 @@ from vitlab.batches import make_batches
 from vitlab.budget import plan_steps, probe_batches, time_steps
 from vitlab.data import DigitDataset, load_mnist, read_mnist_idx
 from vitlab.optim import make_optimizer
+from vitlab.precision import matmuls_in, native_bf16
 from vitlab.training import EMA, RECIPE_KEYS, evaluate, fit, seed_everything, train_one_epoch
 
 RECIPES = ("vitlab", "seed")
@@ -63,8 +65,9 @@ SEED_LR, SEED_BATCH = 1e-5, 4
 
 # vitlab's recipe for a time budget: the defaults of ViTConfig and fit with these changed, chosen on
 # validation splits (benchmarks/RESULTS.md). Four blocks take about 45% more steps than six in the
-# same time, and stand a higher learning rate; compiled steps are faster still.
-BUDGET_RECIPE = {"depth": 4, "lr": 5e-3, "compile": True}
+# same time, and stand a higher learning rate; compiled steps are faster still, and so are bf16
+# products where the CPU multiplies bf16 natively (at a fixed number of steps they scored as fp32 did).
+BUDGET_RECIPE = {"depth": 4, "lr": 5e-3, "compile": True, "precision": "bf16" if native_bf16() else "fp32"}
 
 
 def vitlab_recipe(overrides: dict) -> tuple[ViTConfig, dict]:
@@ -105,8 +108,9 @@ class Checkpoints:
     def __call__(self, step: int, done: bool = False) -> None:
         while self.pending and (done or self.clock() >= self.pending[0]):
             at, seconds = self.pending.pop(0), self.clock()
-            start = time.perf_counter()
-            accuracy = evaluate(self.model(), self.test)["accuracy"]
+            start, model = time.perf_counter(), self.model()
+            with matmuls_in(model, "fp32"):  # evaluated in float32, whatever the training steps use
+                accuracy = evaluate(model, self.test)["accuracy"]
             self.clock.pause(time.perf_counter() - start)
             self.scores[at] = accuracy
             print(f"  {self.label}  {at:>5g} s: {accuracy:.2%}  (at {seconds:.1f} s, step {step})", flush=True)
@@ -131,7 +135,8 @@ def run_vitlab(train, test, budget: float, times: list[float], seed: int, overri
     clock = Clock()
     forward = torch.compile(model) if s["compile"] else model  # compiled in the probe's first step, on the clock
     probe = probe_batches(train, s["batch_size"], augment=s["augment"], elastic=s["elastic"], seed=seed)
-    step_s, _ = time_steps(model, forward, probe, s["label_smoothing"], s["clip_grad"])
+    with matmuls_in(model, s["precision"]):
+        step_s, _ = time_steps(model, forward, probe, s["label_smoothing"], s["clip_grad"])
     total = plan_steps(budget - clock(), step_s, 0.0, len(batches))
     optimizer, scheduler = make_optimizer(model, s["lr"], s["weight_decay"], total, s["warmup"])
     schedule = scheduler.lr_lambdas[0]  # WarmupCosine: its total_steps is re-planned every epoch
@@ -147,9 +152,10 @@ def run_vitlab(train, test, budget: float, times: list[float], seed: int, overri
     step, epoch = 0, 0
     while clock() < budget:
         epoch += 1
-        result = train_one_epoch(model, _until(batches, clock, budget), optimizer, scheduler,
-                                 label_smoothing=s["label_smoothing"], clip_grad=s["clip_grad"], epoch=epoch,
-                                 first_step=step, forward=forward, on_step=on_step)
+        with matmuls_in(model, s["precision"]):  # as in fit: the training steps only
+            result = train_one_epoch(model, _until(batches, clock, budget), optimizer, scheduler,
+                                     label_smoothing=s["label_smoothing"], clip_grad=s["clip_grad"], epoch=epoch,
+                                     first_step=step, forward=forward, on_step=on_step)
         step += result["steps"]
         pace = clock() / step  # seconds per step so far, the probe included
         schedule.total_steps = max(step + int((budget - clock()) / pace), step, schedule.warmup_steps)
@@ -167,7 +173,8 @@ def warm_compile_cache(train, config: ViTConfig, s: dict) -> None:
     start = time.perf_counter()
     model = ViT(config)
     probe = probe_batches(train, s["batch_size"], augment=s["augment"], elastic=s["elastic"], seed=0)
-    time_steps(model, torch.compile(model), probe, s["label_smoothing"], s["clip_grad"])
+    with matmuls_in(model, s["precision"]):
+        time_steps(model, torch.compile(model), probe, s["label_smoothing"], s["clip_grad"])
     torch._dynamo.reset()  # the runs start from the on-disk cache, not from this process's memory
     print(f"compiled once to fill PyTorch's on-disk cache: {time.perf_counter() - start:.1f} s, "
           "not on any run's clock", flush=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vitlab import ViTConfig
+from vitlab.precision import native_bf16
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -38,6 +39,7 @@ def test_budget_recipe_is_the_defaults_with_the_documented_changes(tta):
     config, settings = tta.vitlab_recipe({})
     assert config == ViTConfig(depth=4)
     assert settings["lr"] == 5e-3 and settings["compile"] is True
+    assert settings["precision"] == ("bf16" if native_bf16() else "fp32")
     assert settings["batch_size"] == 128 and settings["ema"] == 0.999  # fit's defaults, untouched
     assert "seed" not in settings  # --seeds sets it
 
@@ -61,7 +63,7 @@ def test_evaluation_time_is_taken_off_the_training_clock(tta, monkeypatch):
         return {"accuracy": 0.5}
 
     monkeypatch.setattr(tta, "evaluate", evaluate)
-    checkpoints = tta.Checkpoints([20, 10], clock, lambda: None, None, "run")
+    checkpoints = tta.Checkpoints([20, 10], clock, torch.nn.Identity, None, "run")
     now[0] += 9.0
     checkpoints(step=1)
     assert checkpoints.scores == {}  # 9 s < 10 s
@@ -132,14 +134,15 @@ def test_throughput_runs_end_to_end(throughput, capsys):
     assert re.search(r"fp32 matmul peak \d+ GFLOP/s", out)
     for name in ("vitlab", "timm", "torchvision", "vit-pytorch", "vitlab (recording)"):
         assert re.search(rf"^{re.escape(name)} +[\d,]+ ", out, re.MULTILINE), name
-    assert re.search(r"fastest eager peer: \S+; vitlab eager \d+\.\d\dx", out)
+    assert re.search(r"fastest eager peer: \S+; vitlab eager \d+\.\d\dx; recording costs", out)
 
 
 # --- attention_crossover.py --------------------------------------------------------------------------
 
 
 def test_attention_crossover_runs_end_to_end(capsys):
-    load("attention_crossover").main(["--threads", "1", "--tokens", "17", "65", "--token-budget", "256", "--rounds", "1"])
+    crossover = load("attention_crossover")
+    crossover.main(["--threads", "1", "--tokens", "17", "65", "--token-budget", "256", "--rounds", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [row[:2] for row in rows] == [["17", "15"], ["65", "3"]]  # tokens, batch = 256 // tokens
     assert all(float(value) > 0 for row in rows for value in row[2:])
