@@ -180,15 +180,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"threads {args.threads}, batch {args.batch}, torch {torch.__version__}; "
           f"fp32 matmul peak {peak:.0f} GFLOP/s{bf16_peak}")
     print(f"\ntraining step (forward, backward, fused AdamW), best of {args.rounds} bursts of {args.burst}")
-    print(f"{'model':<20} {'params':>8} {'img/s':>8} {'x vitlab':>9} {'MFLOP/img':>10} {'GFLOP/s':>8} {'% peak':>7}")
+    print(f"{'model':<24} {'params':>8} {'img/s':>8} {'x vitlab':>9} {'MFLOP/img':>10} {'GFLOP/s':>8} {'% peak':>7}")
     for name, ips in sorted(train.items(), key=lambda kv: -kv[1]):
         gflops = ips * flops[name] / 1e9
-        print(f"{name:<20} {params[name]:>8,} {ips:>8,.0f} {ips / train['vitlab']:>9.2f} {flops[name] / 1e6:>10.1f} "
+        print(f"{name:<24} {params[name]:>8,} {ips:>8,.0f} {ips / train['vitlab']:>9.2f} {flops[name] / 1e6:>10.1f} "
               f"{gflops:>8.1f} {100 * gflops / peak:>6.1f}%")
     print(f"\ninference (torch.inference_mode), best of {args.rounds} bursts of {args.burst}")
-    print(f"{'model':<20} {'img/s':>8} {'x vitlab':>9} {'time x vitlab':>14}")
+    print(f"{'model':<24} {'img/s':>8} {'x vitlab':>9} {'time x vitlab':>14}")
     for name, ips in sorted(infer.items(), key=lambda kv: -kv[1]):
-        print(f"{name:<20} {ips:>8,.0f} {ips / infer['vitlab']:>9.2f} {infer['vitlab'] / ips:>14.2f}")
+        print(f"{name:<24} {ips:>8,.0f} {ips / infer['vitlab']:>9.2f} {infer['vitlab'] / ips:>14.2f}")
     peers = {k: v for k, v in train.items() if not k.startswith("vitlab")}
     fastest = max(peers, key=peers.get)
     paths = "".join(f", {name} {train[name] / peers[fastest]:.2f}x" for name in train if name.startswith("vitlab ("))
