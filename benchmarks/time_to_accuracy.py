@@ -29,6 +29,10 @@ checkpoint, and it always runs once. When the training clock passes a checkpoint
 test set is evaluated, and the clock starts again: evaluation is not training time. The test set is
 only evaluated, never trained on.
 
+After the accuracy table comes a table of steps: the fewest and the most optimizer steps the runs had
+taken at each checkpoint. A time budget's accuracy follows the steps the machine's pace allowed, and
+the machine's pace moves from hour to hour, so two runs of the benchmark compare only beside it.
+
     python benchmarks/time_to_accuracy.py --test-dir ../shared/data/mnist --seeds 0 1 2
     python benchmarks/time_to_accuracy.py --test-dir ../shared/data/mnist --budget 20 --checkpoints 5 10 20 --seeds 0
 
@@ -104,6 +108,7 @@ class Checkpoints:
     def __init__(self, times: list[float], clock: Clock, model, test, label: str) -> None:
         self.pending, self.clock, self.model, self.test, self.label = sorted(times), clock, model, test, label
         self.scores = {}  # checkpoint -> accuracy
+        self.steps = {}  # checkpoint -> optimizer steps taken by then
 
     def __call__(self, step: int, done: bool = False) -> None:
         while self.pending and (done or self.clock() >= self.pending[0]):
@@ -112,7 +117,7 @@ class Checkpoints:
             with matmuls_in(model, "fp32"):  # evaluated in float32, whatever the training steps use
                 accuracy = evaluate(model, self.test)["accuracy"]
             self.clock.pause(time.perf_counter() - start)
-            self.scores[at] = accuracy
+            self.scores[at], self.steps[at] = accuracy, step
             print(f"  {self.label}  {at:>5g} s: {accuracy:.2%}  (at {seconds:.1f} s, step {step})", flush=True)
 
 
@@ -123,8 +128,8 @@ def _until(batches, clock: Clock, budget: float):
         yield images, labels
 
 
-def run_vitlab(train, test, budget: float, times: list[float], seed: int, overrides: dict) -> dict:
-    """One run of vitlab's recipe -> {checkpoint seconds: accuracy}."""
+def run_vitlab(train, test, budget: float, times: list[float], seed: int, overrides: dict) -> Checkpoints:
+    """One run of vitlab's recipe -> its Checkpoints: ``.scores`` and ``.steps`` by checkpoint seconds."""
     config, s = vitlab_recipe(overrides)
     seed_everything(seed)
     model = ViT(config)
@@ -162,7 +167,7 @@ def run_vitlab(train, test, budget: float, times: list[float], seed: int, overri
     checkpoints(step, done=True)
     print(f"  vitlab seed {seed}: {step} steps ({epoch} epochs) in {clock():.0f} s, "
           f"{step / clock():.1f} steps/s", flush=True)
-    return checkpoints.scores
+    return checkpoints
 
 
 def warm_compile_cache(train, config: ViTConfig, s: dict) -> None:
@@ -180,8 +185,8 @@ def warm_compile_cache(train, config: ViTConfig, s: dict) -> None:
           "not on any run's clock", flush=True)
 
 
-def run_seed(train, test, budget: float, times: list[float], seed: int) -> dict:
-    """One run of the seed tutorial's recipe -> {checkpoint seconds: accuracy}."""
+def run_seed(train, test, budget: float, times: list[float], seed: int) -> Checkpoints:
+    """One run of the seed tutorial's recipe -> its Checkpoints: ``.scores`` and ``.steps`` by checkpoint seconds."""
     seed_everything(seed)
     model = ViT(ViTConfig(**SEED_CONFIG))
     batches = make_batches(train, SEED_BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -196,7 +201,7 @@ def run_seed(train, test, budget: float, times: list[float], seed: int) -> dict:
         step += result["steps"]
     checkpoints(step, done=True)
     print(f"  seed   seed {seed}: {step} steps in {clock():.0f} s, {step / clock():.1f} steps/s", flush=True)
-    return checkpoints.scores
+    return checkpoints
 
 
 def _value(text: str):
@@ -227,6 +232,19 @@ def table(results: dict, times: list[float]) -> str:
             per_seed = " / ".join(f"{100 * v:.2f}" for v in values)
             cells.append(f"**{100 * statistics.mean(values):.2f}** ({per_seed})")
         lines.append(f"| {recipe} (seeds {', '.join(map(str, by_seed))}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def step_table(steps: dict, times: list[float]) -> str:
+    """{recipe: {seed: {checkpoint: steps}}} -> a markdown table of the fewest and most optimizer steps taken
+    by each checkpoint: a time budget's accuracy follows the steps the machine's pace allowed."""
+    lines = ["| steps | " + " | ".join(f"{t:g} s" for t in times) + " |", "|" + "---|" * (len(times) + 1)]
+    for recipe, by_seed in steps.items():
+        cells = []
+        for t in times:
+            low, high = min(run[t] for run in by_seed.values()), max(run[t] for run in by_seed.values())
+            cells.append(f"{low:,}" if low == high else f"{low:,}-{high:,}")
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -269,19 +287,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vitlab recipe: {config}\n  {settings}")
     if "vitlab" in args.recipes and settings["compile"]:
         warm_compile_cache(train, config, settings)
-    results = {}
+    results, steps = {}, {}
     for recipe in args.recipes:
-        results[recipe] = {}
+        results[recipe], steps[recipe] = {}, {}
         for seed in args.seed_recipe_seeds if recipe == "seed" and args.seed_recipe_seeds else args.seeds:
             if recipe == "vitlab" and args.runs == "per-checkpoint":
-                scores = {t: run_vitlab(train, test, t, [t], seed, overrides)[t] for t in times}
+                runs = {t: run_vitlab(train, test, t, [t], seed, overrides) for t in times}
             elif recipe == "vitlab":
-                scores = run_vitlab(train, test, args.budget, times, seed, overrides)
+                runs = dict.fromkeys(times, run_vitlab(train, test, args.budget, times, seed, overrides))
             else:
-                scores = run_seed(train, test, args.budget, times, seed)
-            results[recipe][seed] = scores
+                runs = dict.fromkeys(times, run_seed(train, test, args.budget, times, seed))
+            results[recipe][seed] = {t: run.scores[t] for t, run in runs.items()}
+            steps[recipe][seed] = {t: run.steps[t] for t, run in runs.items()}
     print()
     print(table(results, times))
+    print()
+    print(step_table(steps, times))
     return 0
 
 

@@ -71,7 +71,7 @@ def test_evaluation_time_is_taken_off_the_training_clock(tta, monkeypatch):
     checkpoints(step=2)
     assert checkpoints.scores == {10: 0.5} and clock() == pytest.approx(10.0)  # the 50 s are not training time
     checkpoints(step=3, done=True)  # the run ended before 20 s: scored where it stopped
-    assert checkpoints.scores == {10: 0.5, 20: 0.5}
+    assert checkpoints.scores == {10: 0.5, 20: 0.5} and checkpoints.steps == {10: 2, 20: 3}
 
 
 def test_table_gives_the_mean_over_seeds_then_each_seed(tta):
@@ -83,6 +83,17 @@ def test_table_gives_the_mean_over_seeds_then_each_seed(tta):
     ]
 
 
+def test_step_table_gives_the_fewest_and_most_steps_over_seeds(tta):
+    text = tta.step_table({"vitlab": {0: {60: 2121, 300: 11821}, 1: {60: 2486, 300: 11316}},
+                           "seed": {0: {60: 3965, 300: 20677}}}, [60, 300])
+    assert text.splitlines() == [
+        "| steps | 60 s | 300 s |",
+        "|---|---|---|",
+        "| vitlab | 2,121-2,486 | 11,316-11,821 |",
+        "| seed | 3,965 | 20,677 |",
+    ]
+
+
 def test_time_to_accuracy_runs_both_recipes_end_to_end(tta, capsys):
     status = tta.main([
         "--val-split", "1", "--threads", "1", "--budget", "2", "--checkpoints", "1", "2", "--seeds", "0",
@@ -91,14 +102,29 @@ def test_time_to_accuracy_runs_both_recipes_end_to_end(tta, capsys):
     out = capsys.readouterr().out
     assert status == 0
     assert "4,500 training images, 500 validation images (split 1)" in out
-    rows = {line.split(" (seeds")[0]: line for line in out.splitlines() if line.startswith("| vitlab") or
-            line.startswith("| seed")}
+    rows = {line.split(" (seeds")[0]: line for line in out.splitlines() if " (seeds " in line}
     assert set(rows) == {"| vitlab", "| seed"}
     for row in rows.values():
         scores = [float(s) for s in re.findall(r"\*\*(\d+\.\d\d)\*\*", row)]
         assert len(scores) == 2 and all(0.0 <= s <= 100.0 for s in scores)
     # One run per checkpoint for vitlab: a 1-s run and a 2-s run, each scored once, at its end.
-    assert len(re.findall(r"vitlab seed 0: \d+ steps", out)) == 2
+    runs = [int(n) for n in re.findall(r"vitlab seed 0: (\d+) steps", out)]
+    assert len(runs) == 2
+    steps_row = next(line for line in out.splitlines() if line.startswith("| vitlab |"))
+    assert steps_row == "| vitlab | " + " | ".join(f"{n:,}" for n in runs) + " |"
+
+
+def test_time_to_accuracy_scores_one_run_at_each_checkpoint_with_runs_one(tta, capsys):
+    status = tta.main([
+        "--val-split", "2", "--threads", "1", "--budget", "2", "--checkpoints", "1", "2", "--seeds", "0",
+        "--recipes", "vitlab", "--runs", "one", "--set", "compile=False", "dim=32", "heads=2", "mlp_dim=64",
+    ])
+    out = capsys.readouterr().out
+    assert status == 0 and len(re.findall(r"vitlab seed 0: \d+ steps", out)) == 1
+    at = [int(n) for n in re.findall(r"vitlab seed 0 +\d s: \d+\.\d\d%  \(at [\d.]+ s, step (\d+)\)", out)]
+    assert len(at) == 2 and at[0] <= at[1]
+    steps_row = next(line for line in out.splitlines() if line.startswith("| vitlab |"))
+    assert steps_row == f"| vitlab | {at[0]:,} | {at[1]:,} |"
 
 
 # --- throughput.py -----------------------------------------------------------------------------------
