@@ -162,9 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     infer_flops = {name: flops_per_image(m, batch, labels, train=False) for name, m in models.items()}
 
     train_steps = {name: train_step_fn(m, batch, labels) for name, m in models.items()}
-    own = ["vitlab (compiled)", "vitlab (compiled, bf16)"] if native_bf16() else ["vitlab (compiled)"]
-    for name in [] if args.no_compile else own:
-        precision = "bf16" if "bf16" in name else "fp32"
+    own = {"vitlab (compiled)": "fp32"} | ({"vitlab (compiled, bf16)": "bf16"} if native_bf16() else {})
+    for name, precision in ({} if args.no_compile else own).items():
         train_steps[name] = train_step_fn(build_vitlab(), batch, labels, compile=True, precision=precision)
         flops[name], params[name] = flops["vitlab"], params["vitlab"]
     infer_steps = {name: infer_fn(m, batch) for name, m in models.items()}
