@@ -46,6 +46,7 @@ from matplotlib.patches import Rectangle
 from torch import nn
 
 from .config import check_choice
+from .devices import device_of
 from .explain import HEAD_FUSIONS, attention_rollout, cls_rollout_map, upsample_patch_map
 from .plots import figure_png
 from .record import record
@@ -68,17 +69,13 @@ TOP_CLASSES = 5
 # --- Predictions and mistakes -------------------------------------------------------------------
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """(M, C, H, W) -> (M, K): the model's softmax probabilities, computed batch by batch without gradients."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected images of shape (M, C, H, W); got {got}")
-    device = _device(model)
+    device = device_of(model)
     chunks = [model(images[i:i + batch_size].to(device)).softmax(dim=-1).cpu()
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
@@ -281,7 +278,7 @@ class AttentionExplorer:
             self._cache.move_to_end(index)
             return self._cache[index]
         with torch.no_grad(), record(self.model) as rec:
-            logits = self.model(self.images[index:index + 1].to(_device(self.model)))  # (1, K)
+            logits = self.model(self.images[index:index + 1].to(device_of(self.model)))  # (1, K)
         self.forward_passes += 1
         result = Recorded(rec.attentions[0].float().cpu(), logits[0].softmax(dim=-1).float().cpu())
         self._cache[index] = result

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .batches import make_batches
+from .devices import device_of
 from .history import History
 
 
@@ -160,7 +161,7 @@ def predict(model: nn.Module, data, batch_size: int = 512) -> tuple[torch.Tensor
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     predicted, labels = [], []
     try:
         for images, batch_labels in make_batches(data, batch_size, device=device):
