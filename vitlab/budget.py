@@ -15,11 +15,13 @@ import time
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .batches import make_batches
+from .devices import device_of
 from .optim import adamw, param_groups
+from .precision import matmuls_in
+from .step import train_step
 
 TIMING_STEPS = 3  # timed training steps (after one untimed step that pays for allocation and compilation)
 
@@ -52,11 +54,13 @@ def time_steps(
 ) -> tuple[float, float]:
     """-> (seconds per training step, seconds per validation image), leaving no trace on the model.
 
+    The step timed is ``step.train_step``, the one training runs, in whatever precision the caller set
+    (``precision.matmuls_in``); the validation forward is timed in float32, as validation runs.
     Each timed step takes the first batch of ``batches`` afresh, so batching and augmentation count.
     The weights are restored, the gradients cleared and the random generators reset afterwards, so
     the run that follows is the one it would have been without the measurement.
     """
-    device = next(model.parameters()).device
+    device = device_of(model)
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
     optimizer = adamw(param_groups(model, 0.05), lr=1e-6)  # the real update's cost, thrown away after
     was_training = model.training
@@ -66,16 +70,12 @@ def time_steps(
         for _ in range(1 + TIMING_STEPS):
             start = time.perf_counter()
             images, labels = (t.to(device) for t in next(iter(batches)))
-            loss = F.cross_entropy(forward(images), labels, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad, foreach=True)
-            optimizer.step()
+            train_step(model, forward, images, labels, optimizer, label_smoothing=label_smoothing,
+                       clip_grad=clip_grad, where=lambda: "the time budget's probe step")
             _sync(device)
             times.append(time.perf_counter() - start)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), matmuls_in(model, "fp32"):  # validation runs in float32, whatever the steps use
             model(images)
             start = time.perf_counter()
             model(images)

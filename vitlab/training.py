@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from .batches import make_batches, num_images
 from .budget import plan_steps, probe_batches, time_steps
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from .devices import device_of
 from .history import History
 from .optim import make_optimizer
 from .precision import check_precision, matmuls_in
+from .step import train_step
 
 # fit's arguments that shape the training curve: saved in its checkpoints, compared on resume. A new one
 # goes here, and into RECIPE_ADDED with the value that older checkpoints trained with.
@@ -46,10 +48,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def train_one_epoch(
@@ -75,30 +73,19 @@ def train_one_epoch(
     """
     model.train()
     forward = model if forward is None else forward
-    device = _device(model)
+    device = device_of(model)
     loss_sum, correct, n, step = 0.0, 0, 0, first_step
     for images, labels in batches:
         images, labels = images.to(device), labels.to(device)
         step += 1
         lr = optimizer.param_groups[0]["lr"]
-        logits = forward(images)  # (B, num_classes)
-        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"non-finite training loss {value} at epoch {epoch}, step {step} (lr {lr:.3g}); "
-                "a lower lr, a smaller clip_grad or checking the inputs for NaN usually helps"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad, foreach=True)
-        optimizer.step()
+        value, right = train_step(model, forward, images, labels, optimizer, label_smoothing=label_smoothing,
+                                  clip_grad=clip_grad, where=lambda: f"epoch {epoch}, step {step} (lr {lr:.3g})")
         if scheduler is not None:
             scheduler.step()
         size = len(labels)
         loss_sum += value * size
-        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        correct += right
         n += size
         if on_step is not None:
             on_step({"step": step, "epoch": epoch, "loss": value, "lr": lr, "n": size})
@@ -116,7 +103,7 @@ def evaluate(model: nn.Module, data, batch_size: int = 512) -> dict:
     """
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = device_of(model)
     loss_sum, correct, n = 0.0, 0, 0
     try:
         for images, labels in make_batches(data, batch_size, device=device):
@@ -288,7 +275,7 @@ def fit(
     start = time.perf_counter()
     recipe = {key: arguments[key] for key in RECIPE_KEYS}  # what a resume compares with the checkpoint's
     seed_everything(seed)
-    device = _device(model)
+    device = device_of(model)
     generator = torch.Generator().manual_seed(seed)  # the batch order
     aug_generator = torch.Generator(device=device).manual_seed(seed + 1)  # the augmentation draws
     train_batches = make_batches(train, batch_size, shuffle=True, generator=generator, augment=augment,
