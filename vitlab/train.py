@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .batches import check_augment
 from .checkpoint import save_checkpoint
-from .config import POS_EMBEDS, ViTConfig
+from .config import POOLS, POS_EMBEDS, ViTConfig
 from .data import DigitDataset, load_mnist
 from .history import History
 from .model import ViT
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stochastic depth rate of the last block (default %(default)s)")
     model.add_argument("--pos-embed", choices=POS_EMBEDS, default=defaults.pos_embed,
                        help="position embeddings (default %(default)s)")
+    model.add_argument("--pool", choices=POOLS, default=defaults.pool,
+                       help="what the head classifies: the CLS token's output, or the mean of the patch tokens' "
+                            "(default %(default)s)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help=f"epochs (default {DEFAULT_EPOCHS} without --time-budget)")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ViTConfig(dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim,
                            patch_size=args.patch_size, dropout=args.dropout, drop_path=args.drop_path,
-                           pos_embed=args.pos_embed)
+                           pos_embed=args.pos_embed, pool=args.pool)
         check_augment(args.augment, args.elastic)
     except ValueError as err:
         parser.error(str(err))
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     model = ViT(config).to(device)
     print(f"ViT dim {config.dim}, depth {config.depth}, heads {config.heads}, mlp {config.mlp_dim}, "
-          f"patch {config.patch_size}: {model.num_parameters():,} parameters; {len(train):,} training and "
+          f"patch {config.patch_size}, {config.pool} pooling: {model.num_parameters():,} parameters; {len(train):,} training and "
           f"{len(val) if val is not None else 0:,} validation images on {device}")
 
     def report(history: History) -> None:
