@@ -1,6 +1,7 @@
 """The time-budget probe: it times the training step in the caller's precision and validation in
 float32, and leaves the model and the random generators as they were."""
 
+import pytest
 import torch
 from tiny_digits import tiny_digits, tiny_vit
 
@@ -34,3 +35,19 @@ def test_time_steps_leaves_weights_gradients_mode_and_generators_as_they_were():
     assert all(p.grad is None for p in model.parameters())
     assert not model.training
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_failing_probe_step_still_leaves_the_model_as_it_came():
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def forward(images):  # the second step's loss is NaN, after the first has moved the weights
+        calls.append(1)
+        logits = model(images)
+        return logits * float("nan") if len(calls) == 2 else logits
+
+    with pytest.raises(FloatingPointError, match="the time budget's probe step"):
+        time_steps(model, forward, probe())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.training

@@ -57,31 +57,33 @@ def time_steps(
     The step timed is ``step.train_step``, the one training runs, in whatever precision the caller set
     (``precision.matmuls_in``); the validation forward is timed in float32, as validation runs.
     Each timed step takes the first batch of ``batches`` afresh, so batching and augmentation count.
-    The weights are restored, the gradients cleared and the random generators reset afterwards, so
-    the run that follows is the one it would have been without the measurement.
+    The weights are restored, the gradients cleared and the random generators reset afterwards (also
+    when a step raises), so the run that follows is the one it would have been without the measurement.
     """
     device = device_of(model)
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
     optimizer = adamw(param_groups(model, 0.05), lr=1e-6)  # the real update's cost, thrown away after
     was_training = model.training
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model.train()
-        times = []
-        for _ in range(1 + TIMING_STEPS):
-            start = time.perf_counter()
-            images, labels = (t.to(device) for t in next(iter(batches)))
-            train_step(model, forward, images, labels, optimizer, label_smoothing=label_smoothing,
-                       clip_grad=clip_grad, where=lambda: "the time budget's probe step")
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        model.eval()
-        with torch.no_grad(), matmuls_in(model, "fp32"):  # validation runs in float32, whatever the steps use
-            model(images)
-            start = time.perf_counter()
-            model(images)
-            _sync(device)
-            eval_per_image = (time.perf_counter() - start) / len(labels)
-    model.load_state_dict(weights)
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model.train()
+            times = []
+            for _ in range(1 + TIMING_STEPS):
+                start = time.perf_counter()
+                images, labels = (t.to(device) for t in next(iter(batches)))
+                train_step(model, forward, images, labels, optimizer, label_smoothing=label_smoothing,
+                           clip_grad=clip_grad, where=lambda: "the time budget's probe step")
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            model.eval()
+            with torch.no_grad(), matmuls_in(model, "fp32"):  # validation runs in float32, whatever the steps use
+                model(images)
+                start = time.perf_counter()
+                model(images)
+                _sync(device)
+                eval_per_image = (time.perf_counter() - start) / len(labels)
+    finally:  # also when a step fails (a non-finite loss): the model is left as it came
+        model.load_state_dict(weights)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
     return sum(times[1:]) / TIMING_STEPS, eval_per_image
