@@ -7,8 +7,8 @@ Two recipes, trained for each seed on all 5,000 images of ``load_mnist(source="m
   with four blocks instead of six, a peak learning rate of 5e-3 instead of 2e-3, the mean of the patch tokens
   classified instead of the CLS token, compiled steps, and the blocks' Linear products in bf16 where the CPU
   multiplies bf16 natively (``vitlab.precision``); the recipe of ``python -m vitlab.train --depth 4 --lr 5e-3
-  --pool mean --compile [--precision bf16] --time-budget T`` (which
-  plans its cosine once, at the start, where this benchmark re-plans it every epoch). It is built from the
+  --pool mean --compile [--precision bf16] --time-budget T`` (which plans its cosine once, at the start,
+  where this benchmark re-plans it every epoch). It is built from the
   pieces ``fit`` uses (``make_batches``, ``make_optimizer``, ``train_one_epoch``, ``EMA``) and trains through
   ``torch.compile`` as ``fit(compile=True)`` does; the model is compiled once before any clock starts, so
   that each run's own compilation (on its clock) loads PyTorch's on-disk cache, as every run after the
