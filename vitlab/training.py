@@ -95,23 +95,27 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 512) -> dict:
+def evaluate(model: nn.Module, data, batch_size: int = 512, precision: str = "fp32") -> dict:
     """dataset or DataLoader -> {"loss", "accuracy", "n"}: cross-entropy and accuracy over every image.
 
     Runs in eval mode (dropout and stochastic depth off) and restores the model's mode afterwards.
-    The loss is summed per image and divided by ``n``, so the batch size cannot bias it.
+    The loss is summed per image and divided by ``n``, so the batch size cannot bias it. The blocks'
+    products run in ``precision`` (``precision.matmuls_in``), float32 unless told: also when called
+    inside a block that trains in bf16, so scores never depend on where they were taken.
     """
+    check_precision(precision)
     was_training = model.training
     model.eval()
     device = device_of(model)
     loss_sum, correct, n = 0.0, 0, 0
     try:
-        for images, labels in make_batches(data, batch_size, device=device):
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)  # (B, num_classes)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(dim=-1) == labels).sum().item()
-            n += len(labels)
+        with matmuls_in(model, precision):
+            for images, labels in make_batches(data, batch_size, device=device):
+                images, labels = images.to(device), labels.to(device)
+                logits = model(images)  # (B, num_classes)
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                correct += (logits.argmax(dim=-1) == labels).sum().item()
+                n += len(labels)
     finally:
         model.train(was_training)
     if n == 0:
