@@ -48,7 +48,8 @@ def test_dict_round_trip():
 
 
 def test_from_dict_names_unknown_keys_and_the_fields():
-    with pytest.raises(ValueError, match=r"unknown ViTConfig fields \['colour', 'layers'\]; expected a subset of .*'depth'"):
+    expected = r"unknown ViTConfig fields \['colour', 'layers'\]; expected a subset of .*'depth'"
+    with pytest.raises(ValueError, match=expected):
         ViTConfig.from_dict({"dim": 32, "layers": 3, "colour": "red"})
 
 

@@ -30,7 +30,9 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+def unpatchify(
+    patches: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     """(B, N, P*P*C) -> (B, C, H, W), the inverse of ``patchify``.
 
     ``grid`` is (rows, columns) of patches; by default the grid is square.

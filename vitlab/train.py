@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     model = ViT(config).to(device)
     print(f"ViT dim {config.dim}, depth {config.depth}, heads {config.heads}, mlp {config.mlp_dim}, "
-          f"patch {config.patch_size}, {config.pool} pooling: {model.num_parameters():,} parameters; {len(train):,} training and "
-          f"{len(val) if val is not None else 0:,} validation images on {device}")
+          f"patch {config.patch_size}, {config.pool} pooling: {model.num_parameters():,} parameters; "
+          f"{len(train):,} training and {len(val) if val is not None else 0:,} validation images on {device}")
 
     def report(history: History) -> None:
         tqdm.write(epoch_line(history.epochs[-1], epochs))
