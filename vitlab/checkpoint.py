@@ -1,9 +1,10 @@
 """Checkpoints: a plain dict of tensors and numbers, written atomically and read without running code.
 
-A checkpoint holds ``format`` ("vitlab-checkpoint"), ``version`` (1), ``config`` (``ViTConfig.to_dict()``),
+A checkpoint holds ``format`` ("vitlab-checkpoint"), ``version`` (2), ``config`` (``ViTConfig.to_dict()``),
 ``model`` (the state dict), ``optimizer`` and ``scheduler`` state (or None), ``history``
 (``History.to_dict()`` or None), ``data_source``, ``rng`` (python, numpy, torch and CUDA generator
 states, to resume exactly) and ``extra`` (whatever the caller adds; ``fit`` keeps its own state there).
+Version 2 stores the history's step rows as columns; version 1 files, with step rows, still load.
 
 Reading uses ``torch.load(weights_only=True)``: a file that holds anything but tensors and plain
 containers (a pickled class, a function) is refused, so a downloaded checkpoint cannot run code.
@@ -27,7 +28,8 @@ from .history import History
 from .model import ViT
 
 FORMAT = "vitlab-checkpoint"
-VERSION = 1
+VERSION = 2  # what save_checkpoint writes
+READS = (1, 2)  # what load_checkpoint accepts: 1 differs only in its history's step rows
 # Config fields that change no weight: a model may differ from its checkpoint in these (e.g. fine-tuning
 # with another dropout). Every other field must match.
 RUNTIME_FIELDS = ("dropout", "attn_dropout", "drop_path", "attn_impl")
@@ -138,10 +140,10 @@ def _read(path: Path, map_location) -> dict:
         else:
             found = f"keys {sorted(map(str, checkpoint))}"
         raise ValueError(f"{path} is not a vitlab checkpoint: expected format {FORMAT!r}, found {found}")
-    if checkpoint.get("version") != VERSION:
+    if checkpoint.get("version") not in READS:
         raise ValueError(
             f"{path} is a vitlab checkpoint of version {checkpoint.get('version')!r}; "
-            f"this vitlab reads version {VERSION}"
+            f"this vitlab reads versions {list(READS)}"
         )
     return checkpoint
 
