@@ -3,6 +3,7 @@ script run end to end on a budget of a second or two (the figures themselves are
 one thread as every test is (conftest.py)."""
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -172,3 +173,29 @@ def test_attention_crossover_runs_end_to_end(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [row[:2] for row in rows] == [["17", "15"], ["65", "3"]]  # tokens, batch = 256 // tokens
     assert all(float(value) > 0 for row in rows for value in row[2:])
+
+
+# --- validation_sweep.py -----------------------------------------------------------------------------
+
+
+def test_validation_sweep_builds_the_recipe_from_the_defaults_and_refuses_unknown_keys():
+    sweep = load("validation_sweep")
+    config, settings = sweep.recipe({"elastic": 1.0, "depth": 4})
+    assert config == ViTConfig(depth=4)
+    assert settings["elastic"] == 1.0 and settings["compile"] is True and settings["lr"] == 2e-3
+    assert settings["precision"] == ("bf16" if native_bf16() else "fp32")
+    with pytest.raises(SystemExit, match=r"--set \['colour'\]"):
+        sweep.recipe({"colour": 1})
+
+
+def test_validation_sweep_runs_end_to_end_and_repeats_to_the_image(capsys):
+    sweep = load("validation_sweep")
+    argv = ["--epochs", "1", "--splits", "3", "--set", "dim=16", "heads=2", "mlp_dim=32", "depth=1",
+            "compile=False", "precision='fp32'"]
+    assert sweep.main(argv) == 0
+    sweep.main(argv)
+    first, again = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (first["split"], first["epochs"], first["steps"], first["n_val"]) == (3, 1, 32, 1000)  # 4,000 images
+    assert first["config"] == {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32}
+    assert 0.0 <= first["val_accuracy"] <= 1.0
+    assert {k: v for k, v in first.items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
