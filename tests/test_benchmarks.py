@@ -39,7 +39,7 @@ def throughput():
 def test_budget_recipe_is_the_defaults_with_the_documented_changes(tta):
     config, settings = tta.vitlab_recipe({})
     assert config == ViTConfig(depth=4, pool="mean")
-    assert settings["lr"] == 5e-3 and settings["compile"] is True
+    assert settings["lr"] == 5e-3 and settings["elastic"] == 1.0 and settings["compile"] is True
     assert settings["precision"] == ("bf16" if native_bf16() else "fp32")
     assert settings["batch_size"] == 128 and settings["ema"] == 0.999  # fit's defaults, untouched
     assert "seed" not in settings  # --seeds sets it
