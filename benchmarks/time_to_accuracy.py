@@ -81,10 +81,10 @@ BUDGET_RECIPE = {"depth": 4, "lr": 5e-3, "pool": "mean", "elastic": 1.0, "compil
                  "precision": "bf16" if native_bf16() else "fp32"}
 
 
-def vitlab_recipe(overrides: dict) -> tuple[ViTConfig, dict]:
-    """-> (ViTConfig, fit's recipe settings): the defaults of ``ViTConfig`` and ``fit``, then
-    ``BUDGET_RECIPE``, then ``overrides``."""
-    overrides = {**BUDGET_RECIPE, **overrides}
+def vitlab_recipe(overrides: dict, base: dict = BUDGET_RECIPE) -> tuple[ViTConfig, dict]:
+    """-> (ViTConfig, fit's recipe settings): the defaults of ``ViTConfig`` and ``fit``, then ``base``
+    (the budget recipe unless told), then ``overrides``."""
+    overrides = {**base, **overrides}
     defaults = inspect.signature(fit).parameters
     settings = {key: defaults[key].default for key in FIT_KEYS}
     fields = {f.name for f in dataclasses.fields(ViTConfig)}

@@ -20,8 +20,6 @@ get through more runs per hour than one with 2 threads.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import sys
 import time
@@ -35,7 +33,7 @@ from vitlab.precision import native_bf16
 from vitlab.training import evaluate, fit, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_accuracy import FIT_KEYS, parse_overrides  # noqa: E402  (the same --set syntax; the seed is 0)
+from time_to_accuracy import parse_overrides, vitlab_recipe  # noqa: E402  (the same --set syntax)
 
 BASE = {"compile": True, "precision": "bf16" if native_bf16() else "fp32"}
 VAL_FRACTION = 0.2
@@ -43,15 +41,7 @@ VAL_FRACTION = 0.2
 
 def recipe(overrides: dict) -> tuple[ViTConfig, dict]:
     """-> (ViTConfig, fit's settings): the defaults of both, then ``BASE``, then ``overrides``."""
-    overrides = {**BASE, **overrides}
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = sorted(set(overrides) - fields - set(FIT_KEYS))
-    if unknown:
-        raise SystemExit(f"error: --set {unknown}: expected ViTConfig fields or fit settings {list(FIT_KEYS)}")
-    defaults = inspect.signature(fit).parameters
-    settings = {key: defaults[key].default for key in FIT_KEYS}
-    settings.update({k: v for k, v in overrides.items() if k in FIT_KEYS})
-    return ViTConfig(**{k: v for k, v in overrides.items() if k in fields}), settings
+    return vitlab_recipe(overrides, base=BASE)
 
 
 def run(split: int, epochs: int, config: ViTConfig, settings: dict) -> dict:
@@ -62,7 +52,8 @@ def run(split: int, epochs: int, config: ViTConfig, settings: dict) -> dict:
     start = time.perf_counter()
     history = fit(model, data.train, epochs=epochs, seed=0, progress=False, **settings)
     scores = evaluate(model, data.val)
-    changed = {k: v for k, v in config.to_dict().items() if v != ViTConfig().to_dict()[k]}
+    defaults = ViTConfig().to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
     return {"split": split, "epochs": epochs, "steps": history.steps[-1]["step"], "config": changed,
             "fit": settings, "val_accuracy": scores["accuracy"], "val_loss": round(scores["loss"], 5),
             "n_val": scores["n"], "seconds": round(time.perf_counter() - start)}
