@@ -22,6 +22,7 @@ def test_seed_numbers_for_a_224_image_with_16_pixel_patches():
 def test_auto_attention_is_explicit_up_to_the_crossover(monkeypatch):
     import vitlab.config
 
+    monkeypatch.setenv("VITLAB_KERNELS", "0")  # without vitlab's kernel
     c = ViTConfig()  # 17 tokens
     monkeypatch.setattr(vitlab.config, "EXPLICIT_ATTENTION_MAX_TOKENS", 17)
     assert c.fused_attention is False  # at the crossover: still explicit
@@ -29,9 +30,14 @@ def test_auto_attention_is_explicit_up_to_the_crossover(monkeypatch):
     assert c.fused_attention is True
 
 
-def test_auto_attention_with_the_shipped_crossover():
-    assert ViTConfig().fused_attention is False  # 17 tokens
+def test_auto_attention_with_the_shipped_crossover(monkeypatch):
+    from vitlab import kernels
+
+    assert ViTConfig().fused_attention is kernels.available(17, 16)  # 17 tokens: fused on vitlab's kernel
     assert ViTConfig(image_size=32, patch_size=1).fused_attention is True  # 1025 tokens
+    monkeypatch.setenv("VITLAB_KERNELS", "0")
+    assert ViTConfig().fused_attention is False
+    assert ViTConfig(image_size=32, patch_size=1).fused_attention is True
 
 
 @pytest.mark.parametrize(("impl", "fused"), [("fused", True), ("explicit", False)])

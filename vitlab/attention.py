@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .precision import Linear
 from .taps import Tap
 
@@ -52,10 +53,12 @@ def _check_mask(mask: torch.Tensor, batch: int, heads: int, n: int) -> None:
 class Attention(nn.Module):
     """(B, N, D) -> (B, N, D): multi-head scaled dot-product self-attention.
 
-    One ``Linear(D, 3*D)`` gives q, k and v. ``fused=True`` runs
-    ``F.scaled_dot_product_attention``; ``fused=False`` runs the explicit path, whose
+    One ``Linear(D, 3*D)`` gives q, k and v. ``fused=False`` runs the explicit path, whose
     probabilities come out of one named module, ``self.attend``, where the recorder reads them.
-    Both paths compute the same function.
+    ``fused=True`` never shows the probabilities: on a CPU, in float32, without a mask or attention
+    dropout and for up to ``kernels.MAX_TOKENS`` tokens it runs vitlab's own kernel
+    (``vitlab.kernels``, where it can be built), elsewhere ``F.scaled_dot_product_attention``.
+    Every path computes the same function.
     """
 
     def __init__(
@@ -83,6 +86,8 @@ class Attention(nn.Module):
         B, N, D = x.shape
         if mask is not None:
             _check_mask(mask, B, self.heads, N)
+        if self.fused and mask is None and self._kernel_applies(x):
+            return self.proj_drop(self.proj(kernels.small_attention(self.qkv(x), self.heads, self.scale)))
         # 'b n (three h d) -> three (b h n d)': chunk, not indexing, so that the backward pass
         # concatenates the three gradients instead of zero-filling and adding three full-size tensors.
         q, k, v = (t.view(B, N, self.heads, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
@@ -98,3 +103,13 @@ class Attention(nn.Module):
             out = self.attn_drop(attn) @ v  # (B, h, N, d)
         out = self.merge(out.transpose(1, 2).reshape(B, N, D))  # 'b h n d -> b n (h d)'
         return self.proj_drop(self.proj(out))
+
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether the fused path may run vitlab's kernel, which skips the q, k, v and merge taps: only
+        with no hook of their own on them (hooks on every module, as FlopCounterMode sets, do not count)
+        and no attention dropout to apply."""
+        if self.training and self.attn_drop.p > 0:
+            return False
+        if any(tap._forward_hooks or tap._forward_pre_hooks for tap in (self.q, self.k, self.v, self.merge)):
+            return False
+        return kernels.applies(x, self.heads)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from . import kernels
+
 POOLS = ("cls", "mean")
 POS_EMBEDS = ("learned", "sincos", "none")
 NORMS = ("pre", "post")
@@ -106,9 +108,11 @@ class ViTConfig:
 
     @property
     def fused_attention(self) -> bool:
-        """Whether attention runs through F.scaled_dot_product_attention by default."""
+        """Whether attention runs on the fused path by default. "auto" picks it where vitlab's kernel is
+        available for this token count and head size (``vitlab.kernels``), or above
+        ``EXPLICIT_ATTENTION_MAX_TOKENS``, where F.scaled_dot_product_attention is the faster one."""
         if self.attn_impl == "auto":
-            return self.num_tokens > EXPLICIT_ATTENTION_MAX_TOKENS
+            return self.num_tokens > EXPLICIT_ATTENTION_MAX_TOKENS or kernels.available(self.num_tokens, self.head_dim)
         return self.attn_impl == "fused"
 
     def to_dict(self) -> dict:

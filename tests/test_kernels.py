@@ -1,0 +1,135 @@
+"""vitlab's small-attention kernel: the same function and gradients as the explicit path, used only where
+it applies, and a fallback to F.scaled_dot_product_attention where it cannot be built."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitlab
+from vitlab import Attention, ViT, ViTConfig, kernels
+
+pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler to build the kernel with")
+
+
+def explicit_reference(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's equations with plain PyTorch ops: (B, N, 3D) -> (B, N, D) and the (B, h, N, N) probabilities."""
+    B, N, three_d = qkv.shape
+    q, k, v = qkv.view(B, N, 3, heads, three_d // 3 // heads).permute(2, 0, 3, 1, 4)
+    probs = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1)
+    return (probs @ v).transpose(1, 2).reshape(B, N, three_d // 3), probs
+
+
+@pytest.mark.parametrize(("batch", "tokens", "heads", "head_dim"), [(3, 17, 4, 16), (2, 5, 2, 32), (2, 50, 3, 64)])
+def test_kernel_matches_the_equations_forward_and_backward(batch, tokens, heads, head_dim):
+    assert kernels.available(tokens, head_dim), kernels.errors
+    torch.manual_seed(0)
+    qkv = (torch.randn(batch, tokens, 3 * heads * head_dim) * 2).requires_grad_()
+    grad = torch.randn(batch, tokens, heads * head_dim)
+    scale = head_dim**-0.5
+    out, probs = kernels._small_attention_op(qkv, heads, scale)
+    (gq,) = torch.autograd.grad(out, qkv, grad)
+    ref_out, ref_probs = explicit_reference(qkv, heads, scale)
+    (ref_gq,) = torch.autograd.grad(ref_out, qkv, grad)
+    torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(batch, heads, tokens))
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gq, ref_gq, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_handles_large_scores_without_overflow():
+    qkv = torch.randn(2, 17, 3 * 64) * 40  # scores in the thousands: exp would overflow without the max
+    out, probs = kernels._small_attention_op(qkv, 4, 0.25)
+    assert torch.isfinite(out).all() and torch.isfinite(probs).all()
+    torch.testing.assert_close(probs, explicit_reference(qkv, 4, 0.25)[1], rtol=1e-4, atol=1e-6)
+
+
+def test_default_model_trains_on_the_kernel_and_matches_the_explicit_path():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig())
+    assert all(block.attn.fused for block in model.blocks)  # "auto" picks the kernel's path at 17 tokens
+    images, labels = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    grads = {}
+    for fused in (True, False):
+        model.set_attention(fused)
+        model.zero_grad()
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        grads[fused] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    for kernel_grad, explicit_grad in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(kernel_grad, explicit_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_uses_the_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+    real = kernels.small_attention
+    monkeypatch.setattr(kernels, "small_attention", lambda *args: calls.append(1) or real(*args))
+    attn = Attention(64, 4, fused=True)
+    x = torch.randn(2, 17, 64)
+    attn(x)
+    assert len(calls) == 1
+    attn(x, mask=vitlab.local_window_mask(4, 3))  # masks go to F.scaled_dot_product_attention
+    attn.double()(x.double())  # so does float64
+    attn.float()
+    handle = attn.q.register_forward_hook(lambda *args: None)  # a watched tap must see its tensor
+    attn(x)
+    handle.remove()
+    assert len(calls) == 1
+    dropped = Attention(64, 4, attn_dropout=0.1, fused=True).train()
+    dropped(x)  # attention dropout in training: F.scaled_dot_product_attention
+    assert len(calls) == 1
+    dropped.eval()(x)
+    assert len(calls) == 2
+
+
+def test_record_still_sees_every_step_of_a_model_on_the_kernel():
+    model = ViT(ViTConfig()).eval()
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        plain = model(images)
+        with vitlab.record(model) as rec:
+            recorded = model(images)
+    assert all(block.attn.fused for block in model.blocks)  # restored after the recording
+    assert rec.attentions.shape == (2, 6, 4, 17, 17)
+    torch.testing.assert_close(recorded, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_disabled_or_unbuildable_kernel_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITLAB_KERNELS", "0")
+    assert not kernels.available(17, 16)
+    assert ViTConfig().fused_attention is False  # explicit, as without the kernel
+    monkeypatch.delenv("VITLAB_KERNELS")
+    monkeypatch.setenv("CXX", "no-such-compiler-vitlab")
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kernels, "_libraries", {})
+    monkeypatch.setattr(kernels, "errors", {})
+    assert not kernels.available(17, 16)
+    assert "no C++ compiler" in kernels.errors[(17, 16)]
+    attn = Attention(64, 4, fused=True)
+    x = torch.randn(2, 17, 64)
+    attn.fused = False
+    explicit = attn(x)
+    attn.fused = True
+    torch.testing.assert_close(attn(x), explicit, rtol=1e-5, atol=1e-6)  # F.scaled_dot_product_attention
+
+
+def test_unsupported_sizes_are_not_built():
+    assert not kernels.available(kernels.MAX_TOKENS + 1, 16)
+    assert not kernels.available(17, 24)  # not a whole number of 16-float vectors
+    assert (kernels.MAX_TOKENS + 1, 16) not in kernels._libraries
+
+
+def test_build_lands_in_the_cache_folder_whole(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_libraries", {})
+    assert kernels.available(9, 16)
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("small_attention_n9_d16_") and built[0].suffix == ".so"
+
+
+def test_compiled_model_runs_the_kernel_as_one_op():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(depth=2))
+    images = torch.randn(4, 1, 28, 28)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,210 @@
+"""vitlab's own CPU kernel for the fused attention path at short token counts.
+
+At the token counts of small images (17 for MNIST with 7-pixel patches) neither attention in PyTorch
+runs near the machine's speed: ``F.scaled_dot_product_attention`` is tuned for long sequences, and
+the explicit path spends most of its time on copies that put the heads first and back, and on
+17-wide softmax rows. ``csrc/small_attention.cpp`` does the whole of it, forward and backward, one
+(image, head) pair at a time, reading q, k and v straight out of the q/k/v projection and writing the
+merged heads straight out. It is compiled for one token count and head size on first use (a C++
+compiler with OpenMP, such as g++, is needed; about a second), cached on disk, and loaded with ctypes.
+Where it cannot be built, or where ``VITLAB_KERNELS=0``, ``available`` says False and the fused path
+uses ``F.scaled_dot_product_attention`` as before.
+
+Legend: B batch, N tokens, h heads, d head dim, D = h*d.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "small_attention.cpp"
+MAX_TOKENS = 64  # the kernel keeps a few N x N and N x d tiles per task on the stack
+HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128)  # whole 16-float vectors
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+_lock = threading.Lock()
+_libraries: dict[tuple[int, int], ctypes.CDLL | None] = {}
+errors: dict[tuple[int, int], str] = {}  # (N, d) -> why the kernel for it could not be built
+
+
+def enabled() -> bool:
+    """False where the environment variable VITLAB_KERNELS is 0 (or "false", "no", "off")."""
+    return os.environ.get("VITLAB_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def supports(tokens: int, head_dim: int) -> bool:
+    """Whether the kernel is written for N = ``tokens`` and d = ``head_dim`` (it may still fail to build)."""
+    return 1 <= tokens <= MAX_TOKENS and head_dim in HEAD_DIMS
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: $VITLAB_CACHE_DIR, else $XDG_CACHE_HOME/vitlab, else ~/.cache/vitlab."""
+    if os.environ.get("VITLAB_CACHE_DIR"):
+        return Path(os.environ["VITLAB_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitlab"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def _cpu_key() -> str:
+    """What -march=native compiles for: the CPU's flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _build(tokens: int, head_dim: int) -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    defines = (f"-DTOKENS={tokens}", f"-DHEAD_DIM={head_dim}")
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), compiler, *FLAGS, *defines, _cpu_key(), platform.machine()]).encode()
+    ).hexdigest()[:16]
+    for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"vitlab-kernels-{os.getuid()}"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        target = folder / f"small_attention_n{tokens}_d{head_dim}_{key}.so"
+        if not target.exists():
+            # Built under a temporary name and renamed into place: a reader never sees half a file.
+            fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+            try:
+                run = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", partial],
+                                     capture_output=True, text=True)
+                if run.returncode:
+                    raise RuntimeError(f"{compiler} failed to build {SOURCE.name}:\n{run.stderr.strip()}")
+                os.replace(partial, target)
+            finally:
+                if os.path.exists(partial):
+                    os.unlink(partial)
+        lib = ctypes.CDLL(str(target))
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        lib.attn_forward.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
+        lib.attn_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
+        lib.attn_forward.restype = lib.attn_backward.restype = None
+        return lib
+    raise RuntimeError(f"no writable folder for the built kernel (tried {cache_dir() / 'kernels'} and the temp dir)")
+
+
+def _library(tokens: int, head_dim: int) -> ctypes.CDLL | None:
+    key = (tokens, head_dim)
+    if key not in _libraries:
+        with _lock:
+            if key not in _libraries:
+                try:
+                    _libraries[key] = _build(tokens, head_dim)
+                except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                    _libraries[key], errors[key] = None, str(error)
+                    log.info("vitlab's small-attention kernel is not available for N=%d, d=%d: %s",
+                             tokens, head_dim, error)
+    return _libraries[key]
+
+
+def available(tokens: int, head_dim: int) -> bool:
+    """Whether the kernel runs here for N = ``tokens``, d = ``head_dim``: enabled, written for that size,
+    and built (the first call for a size builds it; ``errors`` says why a build failed)."""
+    return enabled() and supports(tokens, head_dim) and _library(tokens, head_dim) is not None
+
+
+def applies(x: torch.Tensor, heads: int) -> bool:
+    """Whether ``small_attention`` can take the q/k/v of the (B, N, D) tokens ``x``: float32 on a CPU,
+    and ``available`` for its N and d."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 3
+            and available(x.shape[1], x.shape[2] // heads))
+
+
+def _forward(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    qkv = qkv.contiguous()
+    B, N, three_d = qkv.shape
+    D = three_d // 3
+    out, probs = qkv.new_empty(B, N, D), qkv.new_empty(B, heads, N, N)
+    _library(N, D // heads).attn_forward(qkv.data_ptr(), out.data_ptr(), probs.data_ptr(), B, heads, scale,
+                                         torch.get_num_threads())
+    return out, probs
+
+
+def _backward(qkv: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    qkv, probs, grad_out = qkv.contiguous(), probs.contiguous(), grad_out.contiguous()
+    B, N, three_d = qkv.shape
+    grad_qkv = torch.empty_like(qkv)
+    _library(N, three_d // 3 // heads).attn_backward(qkv.data_ptr(), probs.data_ptr(), grad_out.data_ptr(),
+                                                     grad_qkv.data_ptr(), B, heads, scale, torch.get_num_threads())
+    return grad_qkv
+
+
+@torch.library.custom_op("vitlab::small_attention", mutates_args=())
+def _small_attention_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(qkv, heads, scale)
+
+
+@_small_attention_op.register_fake
+def _(qkv, heads, scale):
+    B, N, three_d = qkv.shape
+    return qkv.new_empty(B, N, three_d // 3), qkv.new_empty(B, heads, N, N)
+
+
+@torch.library.custom_op("vitlab::small_attention_backward", mutates_args=())
+def _small_attention_backward_op(qkv: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor, heads: int,
+                                 scale: float) -> torch.Tensor:
+    return _backward(qkv, probs, grad_out, heads, scale)
+
+
+@_small_attention_backward_op.register_fake
+def _(qkv, probs, grad_out, heads, scale):
+    return torch.empty_like(qkv)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, heads, scale = inputs
+    ctx.save_for_backward(qkv, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _grad(ctx, grad_out, grad_probs):
+    qkv, probs = ctx.saved_tensors
+    return _small_attention_backward_op(qkv, probs, grad_out, ctx.heads, ctx.scale), None, None
+
+
+_small_attention_op.register_autograd(_grad, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.vitlab.small_attention)
+def _forward_flops(qkv_shape, heads, scale, *args, **kwargs) -> int:
+    """What torch.utils.flop_counter counts for the two batched products the kernel does: q k^T and p v."""
+    B, N, three_d = qkv_shape
+    return 2 * (2 * B * N * N * (three_d // 3))
+
+
+@register_flop_formula(torch.ops.vitlab.small_attention_backward)
+def _backward_flops(qkv_shape, *args, **kwargs) -> int:
+    """The backward pass's four: the gradients of p, v, q and k."""
+    B, N, three_d = qkv_shape
+    return 4 * (2 * B * N * N * (three_d // 3))
+
+
+def small_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """(B, N, 3*D) q/k/v projection -> (B, N, D) heads merged: softmax(q k^T * scale) v per head, the
+    function of ``Attention``'s explicit path without a mask. Needs ``applies`` to hold for the tokens."""
+    return _small_attention_op(qkv, heads, scale)[0]
