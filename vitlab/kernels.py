@@ -79,7 +79,8 @@ def _build(tokens: int, head_dim: int) -> ctypes.CDLL:
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), compiler, *FLAGS, *defines, _cpu_key(), platform.machine()]).encode()
     ).hexdigest()[:16]
-    for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"vitlab-kernels-{os.getuid()}"):
+    user = getattr(os, "getuid", lambda: "user")()
+    for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"vitlab-kernels-{user}"):
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
