@@ -81,14 +81,14 @@ def _build(tokens: int, head_dim: int) -> ctypes.CDLL:
     ).hexdigest()[:16]
     user = getattr(os, "getuid", lambda: "user")()
     for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"vitlab-kernels-{user}"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
         target = folder / f"small_attention_n{tokens}_d{head_dim}_{key}.so"
         if not target.exists():
             # Built under a temporary name and renamed into place: a reader never sees half a file.
-            fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
+            except OSError:  # a folder that cannot be written to: the next one
+                continue
             os.close(fd)
             try:
                 run = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", partial],
