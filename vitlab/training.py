@@ -103,7 +103,6 @@ def evaluate(model: nn.Module, data, batch_size: int = 512, precision: str = "fp
     products run in ``precision`` (``precision.matmuls_in``), float32 unless told: also when called
     inside a block that trains in bf16, so scores never depend on where they were taken.
     """
-    check_precision(precision)
     was_training = model.training
     model.eval()
     device = device_of(model)
