@@ -32,7 +32,8 @@ from torch.utils.flop_counter import register_flop_formula
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "small_attention.cpp"
-MAX_TOKENS = 64  # the kernel keeps a few N x N and N x d tiles per task on the stack
+MAX_TOKENS = 64  # the kernel keeps a few N x N and N x d tiles of 16-image vectors per thread
+LANES = 16  # images per vector: the kernel works on groups of 16 images, one image per lane
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128)  # whole 16-float vectors
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
@@ -135,11 +136,22 @@ def applies(x: torch.Tensor, heads: int) -> bool:
             and available(x.shape[1], x.shape[2] // heads))
 
 
+def _groups(batch: int) -> int:
+    return -(-batch // LANES)
+
+
+def probabilities(probs: torch.Tensor, batch: int) -> torch.Tensor:
+    """The kernel's saved probabilities, (G, h, N, N, 16) with image b in lane b % 16 of group b // 16,
+    as (B, h, N, N)."""
+    G, heads, N, _, lanes = probs.shape
+    return probs.permute(0, 4, 1, 2, 3).reshape(G * lanes, heads, N, N)[:batch]
+
+
 def _forward(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     qkv = qkv.contiguous()
     B, N, three_d = qkv.shape
     D = three_d // 3
-    out, probs = qkv.new_empty(B, N, D), qkv.new_empty(B, heads, N, N)
+    out, probs = qkv.new_empty(B, N, D), qkv.new_empty(_groups(B), heads, N, N, LANES)
     _library(N, D // heads).attn_forward(qkv.data_ptr(), out.data_ptr(), probs.data_ptr(), B, heads, scale,
                                          torch.get_num_threads())
     return out, probs
@@ -154,7 +166,10 @@ def _backward(qkv: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor, he
     return grad_qkv
 
 
-@torch.library.custom_op("vitlab::small_attention", mutates_args=())
+# The ops are named for the layout of the probabilities they save ("grouped": 16 images to a vector).
+# torch.compile's on-disk caches key compiled graphs on op names, not on the fake functions below, so a
+# change of that layout needs new names, or a warm cache would replay graphs built for the old one.
+@torch.library.custom_op("vitlab::grouped_attention", mutates_args=())
 def _small_attention_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(qkv, heads, scale)
 
@@ -162,10 +177,10 @@ def _small_attention_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[to
 @_small_attention_op.register_fake
 def _(qkv, heads, scale):
     B, N, three_d = qkv.shape
-    return qkv.new_empty(B, N, three_d // 3), qkv.new_empty(B, heads, N, N)
+    return qkv.new_empty(B, N, three_d // 3), qkv.new_empty(_groups(B), heads, N, N, LANES)
 
 
-@torch.library.custom_op("vitlab::small_attention_backward", mutates_args=())
+@torch.library.custom_op("vitlab::grouped_attention_backward", mutates_args=())
 def _small_attention_backward_op(qkv: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor, heads: int,
                                  scale: float) -> torch.Tensor:
     return _backward(qkv, probs, grad_out, heads, scale)
@@ -191,14 +206,14 @@ def _grad(ctx, grad_out, grad_probs):
 _small_attention_op.register_autograd(_grad, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.vitlab.small_attention)
+@register_flop_formula(torch.ops.vitlab.grouped_attention)
 def _forward_flops(qkv_shape, heads, scale, *args, **kwargs) -> int:
     """What torch.utils.flop_counter counts for the two batched products the kernel does: q k^T and p v."""
     B, N, three_d = qkv_shape
     return 2 * (2 * B * N * N * (three_d // 3))
 
 
-@register_flop_formula(torch.ops.vitlab.small_attention_backward)
+@register_flop_formula(torch.ops.vitlab.grouped_attention_backward)
 def _backward_flops(qkv_shape, *args, **kwargs) -> int:
     """The backward pass's four: the gradients of p, v, q and k."""
     B, N, three_d = qkv_shape

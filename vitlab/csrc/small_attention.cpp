@@ -1,31 +1,71 @@
 /* Softmax attention over short token sequences on a CPU, forward and backward, float32.
  *
  * Built by vitlab/kernels.py for one token count and head size: -DTOKENS=N -DHEAD_DIM=d, d a multiple
- * of 16. Each (image, head) pair is one task: its q, k, v rows are read straight from the q/k/v
- * projection's output and its results written straight into the merged heads, so the copies that put
- * heads first and back are never made.
+ * of 16. The 16 lanes of a vector hold 16 different images: one task is a group of 16 images and one
+ * head, and every step of attention (the dot products, the softmax over keys, the weighted sums) is
+ * then the same vertical vector operation on all 16, with no reduction across lanes and no lanes
+ * wasted on padding the 17 keys to 32. A 16 x 16 transpose in registers turns 16 images' rows of q, k
+ * and v, read straight from the q/k/v projection, into these lane vectors, and turns the results back
+ * into rows of the merged heads. The last group of a batch that is not a multiple of 16 fills its
+ * spare lanes with copies of its last image and never writes them out.
  *
- * Layouts (row-major):
- *   qkv   (B, N, 3, H, d)  the output of Linear(D, 3*D): q, k, v, each with its heads side by side
- *   out   (B, N, H, d)     the heads merged, ready for the output projection
- *   probs (B, H, N, N)     the softmax probabilities, kept for the backward pass
+ * Layouts (row-major; G = ceil(B / 16) groups):
+ *   qkv   (B, N, 3, H, d)     the output of Linear(D, 3*D): q, k, v, each with its heads side by side
+ *   out   (B, N, H, d)        the heads merged, ready for the output projection
+ *   probs (G, H, N, N, 16)    the softmax probabilities, image b in lane b % 16 of group b / 16; kept for
+ *                             the backward pass (kernels.probabilities gives them as (B, H, N, N))
  *   gout  (B, N, H, d), gqkv (B, N, 3, H, d): the gradients of out and qkv
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16v __attribute__((vector_size(64)));
+#define LANES 16
 #define N TOKENS
 #define DH HEAD_DIM
-#define DV (DH / 16)          /* 16-float vectors per head row */
-#define NV (((N) + 15) / 16)  /* vectors per row of N scores */
-#define NP (NV * 16)          /* N padded to whole vectors */
+#define KBLOCKS (((N) + 23) / 24)             /* blocks of keys whose scores stay in registers */
+#define KB (((N) + KBLOCKS - 1) / KBLOCKS)    /* keys per block, at most 24 */
+#define NK (KB * KBLOCKS)                     /* keys padded to whole blocks (the padding scores unused) */
 
 static inline v16 splat(float x) { return (v16){0} + x; }
 static inline v16 loadu(const float *p) { v16 r; memcpy(&r, p, sizeof r); return r; }
 static inline void storeu(float *p, v16 x) { memcpy(p, &x, sizeof x); }
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#endif
+#endif
+#ifndef SHUFFLE
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (i16v){__VA_ARGS__})
+#endif
+
+/* Transposes the 16 x 16 matrix whose rows are r[0..15], in place. Stage s swaps bit s of the row
+ * index with bit s of the lane index, for s = 8, 4, 2, 1; after all four, row i lane j holds what
+ * row j lane i held. */
+#define EXPAND(...) __VA_ARGS__
+#define STAGE(s, LO, HI)                                                             \
+    for (int i = 0; i < 16; i++)                                                     \
+        if (!(i & (s))) {                                                            \
+            const v16 a = r[i], b = r[i + (s)];                                      \
+            r[i] = SHUFFLE(a, b, EXPAND LO);                                         \
+            r[i + (s)] = SHUFFLE(a, b, EXPAND HI);                                   \
+        }
+static inline void transpose16(v16 r[16]) {
+    STAGE(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+          (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+    STAGE(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+          (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+    STAGE(2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+          (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+    STAGE(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+          (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+}
+#undef STAGE
+#undef EXPAND
 
 /* exp(x) for x <= 0, as 2^n * P(r) with the Cephes expf polynomial; relative error about 1e-7. */
 static inline v16 vexp(v16 x) {
@@ -45,130 +85,151 @@ static inline v16 vexp(v16 x) {
     return y * scale;
 }
 
-static inline float hmax(v16 x) { float m = x[0]; for (int l = 1; l < 16; l++) m = x[l] > m ? x[l] : m; return m; }
-static inline float hsum(v16 x) { float s = 0; for (int l = 0; l < 16; l++) s += x[l]; return s; }
+/* The 16 images of one group: where image l's rows start, the last real image standing in for spare lanes. */
+struct Group {
+    const float *row0[LANES];
+    int64_t b0;
+    int lanes;  /* real images in the group */
+};
 
-#define R 4  /* query rows handled together, so that their dependency chains overlap */
-#define NR (((N) + R - 1) / R * R)
+static inline Group group_of(const float *x, int64_t g, int64_t B, int64_t image_stride, int64_t offset) {
+    Group grp;
+    grp.b0 = g * LANES;
+    grp.lanes = (int)(B - grp.b0 < LANES ? B - grp.b0 : LANES);
+    for (int l = 0; l < LANES; l++) {
+        const int64_t b = grp.b0 + (l < grp.lanes ? l : grp.lanes - 1);
+        grp.row0[l] = x + b * image_stride + offset;
+    }
+    return grp;
+}
+
+/* tile[n * DH + c] = lane vector of element c of token n's row (rows `stride` apart), times `mul`. */
+static inline void load_tile(const Group &grp, int64_t stride, v16 *tile, float mul) {
+    v16 r[16];
+    for (int n = 0; n < N; n++)
+        for (int u = 0; u < DH; u += 16) {
+            for (int l = 0; l < LANES; l++) r[l] = loadu(grp.row0[l] + n * stride + u);
+            transpose16(r);
+            for (int t = 0; t < 16; t++) tile[n * DH + u + t] = r[t] * mul;
+        }
+}
+
+/* The inverse for one token: acc[t] is the lane vector of element u + t; writes the group's real images'
+ * rows at dst + b * image_stride + n * stride + u. */
+static inline void store_row(v16 acc[16], float *dst, const Group &grp, int64_t image_stride, int64_t stride,
+                             int n, int u) {
+    transpose16(acc);
+    for (int l = 0; l < grp.lanes; l++) storeu(dst + (grp.b0 + l) * image_stride + n * stride + u, acc[l]);
+}
+
+/* s[j] = sum_c a[c] * b[j * DH + c] for j < NK, with a = a row of one tile and b a whole tile. */
+static inline void row_dots(const v16 *a, const v16 *b, v16 *s) {
+    for (int j0 = 0; j0 < NK; j0 += KB) {
+        v16 acc[KB];  /* fully unrolled, so that the KB sums live in registers */
+#pragma GCC unroll 24
+        for (int jj = 0; jj < KB; jj++) acc[jj] = splat(0.0f);
+        for (int c = 0; c < DH; c++) {
+            const v16 ac = a[c];
+#pragma GCC unroll 24
+            for (int jj = 0; jj < KB; jj++) acc[jj] += ac * b[(j0 + jj) * DH + c];
+        }
+#pragma GCC unroll 24
+        for (int jj = 0; jj < KB; jj++) s[j0 + jj] = acc[jj];
+    }
+}
+
+/* acc[t] = sum_i w[i * wstride] * x[i * DH + u + t] over i < N: the weighted sum of N tile rows, columns u..u+15. */
+static inline void weighted_rows(const v16 *w, int wstride, const v16 *x, int u, v16 acc[16]) {
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; t++) acc[t] = splat(0.0f);
+    for (int i = 0; i < N; i++) {
+        const v16 wi = w[i * wstride];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; t++) acc[t] += wi * x[i * DH + u + t];
+    }
+}
+
+static inline v16 *scratch(size_t vectors) {
+    return (v16 *)aligned_alloc(64, vectors * sizeof(v16));
+}
 
 extern "C" void attn_forward(const float *qkv, float *out, float *probs, int64_t B, int64_t H, float scale,
                              int nthreads) {
-    const int64_t D = H * DH, row = 3 * D;
-    const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        const int64_t b = bh / H, h = bh % H;
-        const float *base = qkv + b * N * row + h * DH;
-        float kt[DH][NP] __attribute__((aligned(64)));
-        float q[NR][DH] __attribute__((aligned(64)));
-        v16 vv[N][DV];
-        memset(kt, 0, sizeof kt);
-        memset(q, 0, sizeof q);
-        for (int j = 0; j < N; j++) {
-            for (int c = 0; c < DH; c++) { kt[c][j] = base[j * row + D + c]; q[j][c] = base[j * row + c] * scale; }
-            for (int u = 0; u < DV; u++) vv[j][u] = loadu(base + j * row + 2 * D + 16 * u);
-        }
-        float *p = probs + bh * N * N;
-        for (int i0 = 0; i0 < N; i0 += R) {
-            v16 s[R][NV];
-            for (int r = 0; r < R; r++) for (int w = 0; w < NV; w++) s[r][w] = splat(0.0f);
-            for (int c = 0; c < DH; c++) {
-                for (int w = 0; w < NV; w++) {
-                    const v16 kc = *(const v16 *)&kt[c][16 * w];
-                    for (int r = 0; r < R; r++) s[r][w] += q[i0 + r][c] * kc;
+    const int64_t D = H * DH, row = 3 * D, G = (B + LANES - 1) / LANES;
+#pragma omp parallel num_threads(nthreads)
+    {
+        v16 *const Q = scratch((size_t)(N + 2 * NK) * DH), *const K = Q + N * DH, *const V = K + NK * DH;
+        memset(K + N * DH, 0, (NK - N) * DH * sizeof(v16));  /* padding keys: finite, unused */
+#pragma omp for schedule(static)
+        for (int64_t gh = 0; gh < G * H; gh++) {
+            const int64_t g = gh / H, h = gh % H;
+            const Group grp = group_of(qkv, g, B, N * row, h * DH);
+            load_tile(grp, row, Q, scale);
+            load_tile(group_of(qkv, g, B, N * row, D + h * DH), row, K, 1.0f);
+            load_tile(group_of(qkv, g, B, N * row, 2 * D + h * DH), row, V, 1.0f);
+            float *p = probs + gh * N * N * LANES;
+            for (int i = 0; i < N; i++) {
+                v16 s[NK];
+                row_dots(Q + i * DH, K, s);
+                v16 m = s[0];
+                for (int j = 1; j < N; j++) m = s[j] > m ? s[j] : m;
+                v16 total = splat(0.0f);
+                for (int j = 0; j < N; j++) total += (s[j] = vexp(s[j] - m));
+                const v16 inv = 1.0f / total;
+                for (int j = 0; j < N; j++) storeu(p + (i * N + j) * LANES, s[j] *= inv);
+                for (int u = 0; u < DH; u += 16) {
+                    v16 acc[16];
+                    weighted_rows(s, 1, V, u, acc);
+                    store_row(acc, out + h * DH, grp, N * D, D, i, u);
                 }
-            }
-            float pr[R][NP] __attribute__((aligned(64)));
-            for (int r = 0; r < R; r++) {
-                v16 m = splat(-INFINITY);
-                for (int w = 0; w < NV; w++) {
-                    s[r][w] = (lane + (float)(16 * w)) < (float)N ? s[r][w] : splat(-INFINITY);
-                    m = s[r][w] > m ? s[r][w] : m;
-                }
-                const v16 mx = splat(hmax(m));
-                v16 tot = splat(0.0f);
-                for (int w = 0; w < NV; w++) {
-                    s[r][w] = vexp(s[r][w] - mx);
-                    s[r][w] = (lane + (float)(16 * w)) < (float)N ? s[r][w] : splat(0.0f);
-                    tot += s[r][w];
-                }
-                const v16 inv = splat(1.0f / hsum(tot));
-                for (int w = 0; w < NV; w++) *(v16 *)&pr[r][16 * w] = s[r][w] * inv;
-            }
-            v16 o[R][DV];
-            for (int r = 0; r < R; r++) for (int u = 0; u < DV; u++) o[r][u] = splat(0.0f);
-            for (int j = 0; j < N; j++)
-                for (int u = 0; u < DV; u++)
-                    for (int r = 0; r < R; r++) o[r][u] += pr[r][j] * vv[j][u];
-            for (int r = 0; r < R && i0 + r < N; r++) {
-                memcpy(p + (i0 + r) * N, pr[r], N * sizeof(float));
-                for (int u = 0; u < DV; u++) storeu(out + (b * N + i0 + r) * D + h * DH + 16 * u, o[r][u]);
             }
         }
+        free(Q);
     }
 }
 
 extern "C" void attn_backward(const float *qkv, const float *probs, const float *gout, float *gqkv, int64_t B,
                               int64_t H, float scale, int nthreads) {
-    const int64_t D = H * DH, row = 3 * D;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        const int64_t b = bh / H, h = bh % H;
-        const float *base = qkv + b * N * row + h * DH;
-        const float *gob = gout + b * N * D + h * DH;
-        float *gbase = gqkv + b * N * row + h * DH;
-        const float *p = probs + bh * N * N;
-        float vt[DH][NP] __attribute__((aligned(64)));
-        float gs[N][NP] __attribute__((aligned(64)));
-        float pp[N][NP] __attribute__((aligned(64)));
-        v16 qq[N][DV], kk[N][DV], go[N][DV];
-        memset(vt, 0, sizeof vt);
-        memset(pp, 0, sizeof pp);
-        for (int j = 0; j < N; j++) {
-            for (int c = 0; c < DH; c++) vt[c][j] = base[j * row + 2 * D + c];
-            for (int u = 0; u < DV; u++) {
-                qq[j][u] = loadu(base + j * row + 16 * u);
-                kk[j][u] = loadu(base + j * row + D + 16 * u);
-                go[j][u] = loadu(gob + j * D + 16 * u);
-            }
-            memcpy(pp[j], p + j * N, N * sizeof(float));
-        }
-        /* gS = P * (gP - rowsum(P * gP)) * scale, where gP[i][j] = gO_i . v_j */
-        for (int i = 0; i < N; i++) {
-            v16 gp[NV];
-            for (int w = 0; w < NV; w++) gp[w] = splat(0.0f);
-            const float *goi = (const float *)go[i];
-            for (int c = 0; c < DH; c++) {
-                const v16 gc = splat(goi[c]);
-                for (int w = 0; w < NV; w++) gp[w] += gc * *(const v16 *)&vt[c][16 * w];
-            }
-            v16 dotv = splat(0.0f);
-            for (int w = 0; w < NV; w++) dotv += *(const v16 *)&pp[i][16 * w] * gp[w];
-            const v16 dot = splat(hsum(dotv));
-            for (int w = 0; w < NV; w++) *(v16 *)&gs[i][16 * w] = *(const v16 *)&pp[i][16 * w] * (gp[w] - dot) * scale;
-        }
-        /* gQ_i = sum_j gS[i][j] k_j */
-        for (int i = 0; i < N; i++) {
-            v16 acc[DV];
-            for (int u = 0; u < DV; u++) acc[u] = splat(0.0f);
-            for (int j = 0; j < N; j++) {
-                const v16 w = splat(gs[i][j]);
-                for (int u = 0; u < DV; u++) acc[u] += w * kk[j][u];
-            }
-            for (int u = 0; u < DV; u++) storeu(gbase + i * row + 16 * u, acc[u]);
-        }
-        /* gK_j = sum_i gS[i][j] q_i;  gV_j = sum_i P[i][j] gO_i */
-        for (int j = 0; j < N; j++) {
-            v16 gk[DV], gv[DV];
-            for (int u = 0; u < DV; u++) { gk[u] = splat(0.0f); gv[u] = splat(0.0f); }
+    const int64_t D = H * DH, row = 3 * D, G = (B + LANES - 1) / LANES;
+#pragma omp parallel num_threads(nthreads)
+    {
+        v16 *const Q = scratch((size_t)(3 * N + NK) * DH + (size_t)2 * N * N);
+        v16 *const K = Q + N * DH, *const GO = K + N * DH, *const V = GO + N * DH;
+        v16 *const P = V + NK * DH, *const GS = P + N * N;
+        memset(V + N * DH, 0, (NK - N) * DH * sizeof(v16));
+#pragma omp for schedule(static)
+        for (int64_t gh = 0; gh < G * H; gh++) {
+            const int64_t g = gh / H, h = gh % H;
+            const Group qgrp = group_of(qkv, g, B, N * row, h * DH);
+            load_tile(qgrp, row, Q, 1.0f);
+            load_tile(group_of(qkv, g, B, N * row, D + h * DH), row, K, 1.0f);
+            load_tile(group_of(qkv, g, B, N * row, 2 * D + h * DH), row, V, 1.0f);
+            load_tile(group_of(gout, g, B, N * D, h * DH), D, GO, 1.0f);
+            memcpy(P, probs + gh * N * N * LANES, N * N * sizeof(v16));
+            float *const gq = gqkv + h * DH, *const gk = gq + D, *const gv = gq + 2 * D;
+            /* gS = P * (gP - rowsum(P * gP)) * scale, where gP[i][j] = gO_i . v_j;  gQ_i = sum_j gS[i][j] k_j */
             for (int i = 0; i < N; i++) {
-                const v16 w = splat(gs[i][j]), pw = splat(pp[i][j]);
-                for (int u = 0; u < DV; u++) { gk[u] += w * qq[i][u]; gv[u] += pw * go[i][u]; }
+                v16 gp[NK];
+                row_dots(GO + i * DH, V, gp);
+                v16 dot = splat(0.0f);
+                for (int j = 0; j < N; j++) dot += P[i * N + j] * gp[j];
+                for (int j = 0; j < N; j++) GS[i * N + j] = P[i * N + j] * (gp[j] - dot) * scale;
+                for (int u = 0; u < DH; u += 16) {
+                    v16 acc[16];
+                    weighted_rows(GS + i * N, 1, K, u, acc);
+                    store_row(acc, gq, qgrp, N * row, row, i, u);
+                }
             }
-            for (int u = 0; u < DV; u++) {
-                storeu(gbase + j * row + D + 16 * u, gk[u]);
-                storeu(gbase + j * row + 2 * D + 16 * u, gv[u]);
-            }
+            /* gK_j = sum_i gS[i][j] q_i;  gV_j = sum_i P[i][j] gO_i */
+            for (int j = 0; j < N; j++)
+                for (int u = 0; u < DH; u += 16) {
+                    v16 acc[16];
+                    weighted_rows(GS + j, N, Q, u, acc);
+                    store_row(acc, gk, qgrp, N * row, row, j, u);
+                    weighted_rows(P + j, N, GO, u, acc);
+                    store_row(acc, gv, qgrp, N * row, row, j, u);
+                }
         }
+        free(Q);
     }
 }
