@@ -1,5 +1,8 @@
 """The recorder: what it records, that recording changes nothing, and that it never leaves a hook behind."""
 
+import gc
+import sys
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -8,6 +11,8 @@ import vitlab
 from vitlab.attention import local_window_mask
 from vitlab.model import ViT
 from vitlab.record import Recording, record
+
+recorder = sys.modules[Recording.__module__]  # the module; `vitlab.record` is the function
 
 SMALL = dict(image_size=12, patch_size=4, in_channels=2, num_classes=5, dim=16, depth=3, heads=4, mlp_dim=24)
 B, L, H, N, D = 2, 3, 4, 10, 16
@@ -23,8 +28,11 @@ def images(b=B, size=12):
 
 
 def hooks_left(model):
-    return [(name, kind) for name, m in model.named_modules()
-            for kind in ("_forward_hooks", "_forward_pre_hooks") if getattr(m, kind)]
+    """The model's modules' hooks, and any process-wide module hook."""
+    own = [(name, kind) for name, m in model.named_modules()
+           for kind in ("_forward_hooks", "_forward_pre_hooks") if getattr(m, kind)]
+    return own + [("every module", kind) for kind in ("_global_forward_hooks", "_global_forward_pre_hooks")
+                  if getattr(torch.nn.modules.module, kind)]
 
 
 def test_record_is_exported():
@@ -86,7 +94,7 @@ def test_no_hook_is_left_after_the_context():
     model = small()
     assert hooks_left(model) == []
     with record(model, keep_all=True):
-        assert len(hooks_left(model)) > L  # sanity: the check below would see hooks if any were left
+        assert ("every module", "_global_forward_hooks") in hooks_left(model)  # sanity: the check below sees them
         model(images())
     assert hooks_left(model) == []
 
@@ -265,3 +273,59 @@ def test_recording_keeps_gradients_flowing():
     with record(model):
         model(images()).sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_a_finished_recordings_buffers_serve_the_next_one_and_a_live_one_is_never_overwritten(monkeypatch):
+    monkeypatch.setattr(recorder, "_spare", [])
+    model = small()
+    with record(model) as first:
+        model(images())
+    kept = first.attentions
+    buffer = first._buffers["attentions"]
+    with record(model) as second:  # `first` is alive: its buffers stay its own
+        model(images(b=2) * 3)
+    assert second._buffers["attentions"] is not buffer
+    assert torch.equal(first.attentions, kept)
+    embeddings = first.embeddings
+    del first
+    gc.collect()
+    assert any(spare is buffer for spare in recorder._spare)
+    with record(model) as third:
+        model(images())
+    assert third._buffers["attentions"] is buffer  # handed on, not allocated again
+    assert torch.equal(third.attentions, kept)  # and filled by the new pass
+    assert torch.equal(embeddings, third.embeddings)  # what the first one returned was a copy
+
+
+def test_buffers_beyond_the_spare_budget_are_let_go(monkeypatch):
+    monkeypatch.setattr(recorder, "_spare", [])
+    monkeypatch.setattr(recorder, "SPARE_BYTES", 1000)  # smaller than the attention buffer (B*L*H*N*N floats)
+    model = small()
+    with record(model) as rec:
+        model(images())
+    del rec
+    gc.collect()
+    assert recorder._spare == []
+
+
+def test_a_buffer_made_in_inference_mode_serves_a_later_pass_with_autograd(monkeypatch):
+    monkeypatch.setattr(recorder, "_spare", [])
+    model = small()
+    with torch.inference_mode(), record(model) as rec:
+        model(images())
+    del rec
+    gc.collect()
+    x = images().requires_grad_()
+    with record(model) as rec:
+        model(x).sum().backward()  # filling a reused buffer must not touch autograd
+    assert x.grad is not None and not rec.attentions.requires_grad
+    assert_close(rec.attentions.sum(-1), torch.ones(B, L, H, N))
+
+
+def test_another_model_run_during_a_recording_is_not_traced():
+    model, other = small(), small(depth=1)
+    with record(model) as rec:
+        model(images())
+        other(images())  # its modules pass the process-wide hook, which ignores them
+    assert rec.attentions.shape == (B, L, H, N, N)
+    assert [name for name, _ in rec.shapes].count("blocks.0.attn.attend") == 1
