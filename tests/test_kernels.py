@@ -144,3 +144,38 @@ def test_compiled_model_runs_the_kernel_as_one_op(monkeypatch):
     monkeypatch.setattr(kernels, "_forward", lambda *args: calls.append(1) or real(*args))
     torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)
     assert len(calls) == 2 * 2  # each block's attention, in the compiled model and in the eager one
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 17, 17), (37, 5), (2, 16), (1, 64), (5, 3, 33)])
+def test_row_softmax_matches_torch_softmax_and_its_gradient(shape):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 4).requires_grad_()
+    grad = torch.randn(shape)
+    assert kernels.softmax_applies(x, -1)
+    y = kernels.row_softmax(x)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    ref = torch.softmax(x.detach().double(), -1)
+    torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gx, torch.autograd.grad(torch.softmax(x, -1), x, grad)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_row_softmax_gives_masked_scores_exactly_zero_weight():
+    scores = torch.randn(20, 17).masked_fill(torch.rand(20, 17) < 0.5, float("-inf"))
+    scores[:, 0] = 1.0  # every row keeps one key
+    probs = kernels.row_softmax(scores)
+    assert (probs[scores == float("-inf")] == 0).all()
+    torch.testing.assert_close(probs, torch.softmax(scores, -1))
+
+
+def test_attention_softmax_module_uses_the_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+    real = kernels._row_softmax_op
+    monkeypatch.setattr(kernels, "_row_softmax_op", lambda x: calls.append(x.shape) or real(x))
+    attend = Attention(64, 4).attend
+    x = torch.randn(2, 4, 17, 17)
+    torch.testing.assert_close(attend(x), torch.softmax(x, -1))
+    assert calls == [x.shape]
+    for other in (x.double(), x.transpose(-2, -1), torch.randn(2, 3, 65)):  # float64, not contiguous, too long
+        torch.testing.assert_close(attend(other), torch.softmax(other, -1))
+    assert torch.equal(torch.softmax(x, 1), vitlab.attention.Softmax(dim=1)(x))  # not the last dim
+    assert len(calls) == 1

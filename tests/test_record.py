@@ -329,3 +329,15 @@ def test_another_model_run_during_a_recording_is_not_traced():
         other(images())  # its modules pass the process-wide hook, which ignores them
     assert rec.attentions.shape == (B, L, H, N, N)
     assert [name for name, _ in rec.shapes].count("blocks.0.attn.attend") == 1
+
+
+def test_what_a_recording_returns_is_a_copy_that_later_passes_leave_alone():
+    model = small()
+    with record(model) as rec:
+        model(images(b=1))
+        attentions, tokens, embeddings = rec.attentions, rec.tokens, rec.embeddings
+        kept = [t.clone() for t in (attentions, tokens, embeddings)]
+        model(images(b=1) * 5)  # same shapes: the same buffers are refilled
+        assert not torch.equal(rec.attentions, kept[0])
+    for returned, before in zip((attentions, tokens, embeddings), kept):
+        assert torch.equal(returned, before) and returned.is_contiguous()

@@ -50,6 +50,17 @@ def _check_mask(mask: torch.Tensor, batch: int, heads: int, n: int) -> None:
         raise ValueError("every query must be allowed to attend to at least one key; the mask has an all-False row")
 
 
+class Softmax(nn.Softmax):
+    """``nn.Softmax`` that runs vitlab's kernel (``kernels.row_softmax``) where it applies: over the last
+    dim of a contiguous float32 CPU tensor of up to ``kernels.MAX_TOKENS`` columns, such as attention
+    scores. The same function and gradient; elsewhere exactly ``nn.Softmax``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.softmax_applies(x, self.dim):
+            return kernels.row_softmax(x)
+        return super().forward(x)
+
+
 class Attention(nn.Module):
     """(B, N, D) -> (B, N, D): multi-head scaled dot-product self-attention.
 
@@ -75,7 +86,7 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.q, self.k, self.v = Tap(), Tap(), Tap()  # (B, h, N, d) each
         self.scores = Tap()  # (B, h, N, N), scaled and masked, before the softmax
-        self.attend = nn.Softmax(dim=-1)  # (B, h, N, N), rows sum to 1
+        self.attend = Softmax(dim=-1)  # (B, h, N, N), rows sum to 1
         self.attn_drop = nn.Dropout(attn_dropout)
         self.merge = Tap()  # (B, N, D), the heads concatenated
         self.proj = Linear(dim, dim)
@@ -96,7 +107,8 @@ class Attention(nn.Module):
             p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, N, d)
         else:
-            scores = (q @ k.transpose(-2, -1)).mul_(self.scale)  # (B, h, N, N); scaled in place, no extra copy
+            # (B, h, N, N). q is scaled first: the product needs a contiguous copy of the q view anyway
+            scores = (q * self.scale) @ k.transpose(-2, -1)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             attn = self.attend(self.scores(scores))  # (B, h, N, N)

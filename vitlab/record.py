@@ -76,7 +76,8 @@ class Recording:
         self.patch_size = patch_size
         self.keep_all = keep_all
         self.depth = depth  # blocks of the model: layers the buffers have room for
-        self._buffers: dict[str, torch.Tensor] = {}  # "attentions" (B, L, h, N, N), "tokens" (B, 1+L, N, D)
+        # "attentions" (L, B, h, N, N), "tokens" (1+L, B, N, D): layer first, so each copy in is contiguous
+        self._buffers: dict[str, torch.Tensor] = {}
         weakref.finalize(self, _hand_on, self._buffers)
         self.reset()
 
@@ -88,18 +89,21 @@ class Recording:
         self._filled = {"attentions": 0, "tokens": 0}  # layers of each buffer this pass has written
 
     def _store(self, kind: str, index: int, value: torch.Tensor, slots: int) -> None:
-        """Copy ``value`` (B, ...) into slot ``index`` of the ``kind`` buffer (B, slots, ...)."""
-        shape = (value.shape[0], slots, *value.shape[1:])
+        """Copy ``value`` (B, ...) into slot ``index`` of the ``kind`` buffer (slots, B, ...)."""
+        shape = (slots, *value.shape)
         buffer = self._buffers.get(kind)
         if buffer is None or buffer.shape != shape or buffer.dtype != value.dtype or buffer.device != value.device:
             buffer = self._buffers[kind] = _buffer(shape, value)
-        buffer[:, index].copy_(value.detach())
+        buffer[index].copy_(value.detach())
         self._filled[kind] = index + 1
 
     def _read(self, kind: str, start: int = 0) -> torch.Tensor:
         if not self._filled[kind] > start:
             raise RuntimeError("nothing recorded yet: run the model inside the `with vitlab.record(model)` block")
-        return self._buffers[kind][:, start : self._filled[kind]].clone()
+        # clone, not contiguous(): with one image the transposed slice is already contiguous, and a view
+        # of the buffer would change under the caller on the next pass
+        layers = self._buffers[kind][start : self._filled[kind]]
+        return layers.transpose(0, 1).clone(memory_format=torch.contiguous_format)
 
     @property
     def attentions(self) -> torch.Tensor:
@@ -117,7 +121,7 @@ class Recording:
         None before a forward pass reached it."""
         if not self._filled["tokens"]:
             return None
-        return self._buffers["tokens"][:, 0].clone()
+        return self._buffers["tokens"][0].clone()
 
     @property
     def patches(self) -> torch.Tensor:

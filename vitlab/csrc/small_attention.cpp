@@ -15,6 +15,9 @@
  *   probs (G, H, N, N, 16)    the softmax probabilities, image b in lane b % 16 of group b / 16; kept for
  *                             the backward pass (kernels.probabilities gives them as (B, H, N, N))
  *   gout  (B, N, H, d), gqkv (B, N, 3, H, d): the gradients of out and qkv
+ *
+ * softmax_rows, the explicit path's softmax over rows of N scores, uses the same layout trick: 16
+ * consecutive rows are one group, and each of the N columns becomes a lane vector.
  */
 #include <math.h>
 #include <stdint.h>
@@ -67,9 +70,10 @@ static inline void transpose16(v16 r[16]) {
 #undef STAGE
 #undef EXPAND
 
-/* exp(x) for x <= 0, as 2^n * P(r) with the Cephes expf polynomial; relative error about 1e-7. */
-static inline v16 vexp(v16 x) {
-    x = x < -87.0f ? splat(-87.0f) : x;
+/* exp(x) for x <= 0, as 2^n * P(r) with the Cephes expf polynomial; relative error about 1e-7.
+ * Below -87 (where float32 runs out of normal numbers), and for -inf, it is 0; NaN stays NaN. */
+static inline v16 vexp(v16 x0) {
+    v16 x = x0 < -87.0f ? splat(-87.0f) : x0;
     v16 t = x * 1.44269504088896341f;
     v16 n = __builtin_convertvector(__builtin_convertvector(t - 0.5f, i16v), v16);  /* round(t), as t <= 0 */
     v16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
@@ -82,7 +86,7 @@ static inline v16 vexp(v16 x) {
     y = y * r * r + r + 1.0f;
     i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
     v16 scale; memcpy(&scale, &e, sizeof scale);
-    return y * scale;
+    return x0 < -87.0f ? splat(0.0f) : y * scale;
 }
 
 /* The 16 images of one group: where image l's rows start, the last real image standing in for spare lanes. */
@@ -231,5 +235,43 @@ extern "C" void attn_backward(const float *qkv, const float *probs, const float 
                 }
         }
         free(Q);
+    }
+}
+
+/* y = softmax(x) over each row of N: x and y (rows, N), row-major. */
+extern "C" void softmax_rows(const float *x, float *y, int64_t rows, int nthreads) {
+    const int64_t groups = (rows + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t r0 = g * LANES, n = rows - r0 < LANES ? rows - r0 : LANES;
+        float part[LANES * N];  /* the last group's rows, padded with zeros to 16 */
+        const float *src = x + r0 * N;
+        if (n < LANES) {
+            memset(part, 0, sizeof part);
+            memcpy(part, src, n * N * sizeof(float));
+            src = part;
+        }
+        v16 col[N], r[16];
+        for (int u = 0; u + 16 <= N; u += 16) {  /* whole blocks of 16 columns: transposed in registers */
+            for (int l = 0; l < 16; l++) r[l] = loadu(src + l * N + u);
+            transpose16(r);
+            for (int t = 0; t < 16; t++) col[u + t] = r[t];
+        }
+        for (int j = N / 16 * 16; j < N; j++)  /* the rest, one element at a time */
+            for (int l = 0; l < 16; l++) col[j][l] = src[l * N + j];
+        v16 m = col[0], total = splat(0.0f);
+        for (int j = 1; j < N; j++) m = col[j] > m ? col[j] : m;
+        for (int j = 0; j < N; j++) total += (col[j] = vexp(col[j] - m));
+        const v16 inv = 1.0f / total;
+        for (int j = 0; j < N; j++) col[j] *= inv;
+        float *dst = n < LANES ? part : y + r0 * N;
+        for (int u = 0; u + 16 <= N; u += 16) {
+            for (int t = 0; t < 16; t++) r[t] = col[u + t];
+            transpose16(r);
+            for (int l = 0; l < 16; l++) storeu(dst + l * N + u, r[l]);
+        }
+        for (int j = N / 16 * 16; j < N; j++)
+            for (int l = 0; l < 16; l++) dst[l * N + j] = col[j][l];
+        if (n < LANES) memcpy(y + r0 * N, part, n * N * sizeof(float));
     }
 }
