@@ -107,12 +107,15 @@ class Attention(nn.Module):
             p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, N, d)
         else:
+            # Where vitlab's kernels apply, they take q, k and v as the taps hand them on (views of the
+            # projection) and compute the expressions beside them without first copying the views.
+            products = kernels.heads_apply(q, k, v)
             # (B, h, N, N). q is scaled first: the product needs a contiguous copy of the q view anyway
-            scores = (q * self.scale) @ k.transpose(-2, -1)
+            scores = kernels.head_scores(q, k, self.scale) if products else (q * self.scale) @ k.transpose(-2, -1)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            attn = self.attend(self.scores(scores))  # (B, h, N, N)
-            out = self.attn_drop(attn) @ v  # (B, h, N, d)
+            attn = self.attn_drop(self.attend(self.scores(scores)))  # (B, h, N, N)
+            out = kernels.head_weighted_sum(attn, v) if products else attn @ v  # (B, h, N, d)
         out = self.merge(out.transpose(1, 2).reshape(B, N, D))  # 'b h n d -> b n (h d)'
         return self.proj_drop(self.proj(out))
 

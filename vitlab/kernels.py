@@ -105,7 +105,10 @@ def _build(tokens: int, head_dim: int) -> ctypes.CDLL:
         lib.attn_forward.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
         lib.attn_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
         lib.softmax_rows.argtypes = [pointer, pointer, size, ctypes.c_int]
-        lib.attn_forward.restype = lib.attn_backward.restype = lib.softmax_rows.restype = None
+        lib.head_scores.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
+        lib.head_weighted_sum.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_int]
+        for function in (lib.attn_forward, lib.attn_backward, lib.softmax_rows, lib.head_scores, lib.head_weighted_sum):
+            function.restype = None
         return lib
     raise RuntimeError(f"no writable folder for the built kernel (tried {cache_dir() / 'kernels'} and the temp dir)")
 
@@ -265,3 +268,101 @@ def row_softmax(x: torch.Tensor) -> torch.Tensor:
     ``torch.softmax``'s gradient. Needs ``softmax_applies(x, -1)``. PyTorch's own softmax handles one
     short row at a time, and at N = 17 spends more time on that than on the exponentials."""
     return _row_softmax_op(x)
+
+
+def heads_apply(*heads: torch.Tensor) -> bool:
+    """Whether ``head_scores`` and ``head_weighted_sum`` can take these (B, h, N, d) tensors (q, k, v):
+    float32 on a CPU, each head row contiguous, and ``available`` for their N and d."""
+    first = heads[0]
+    return (first.ndim == 4 and first.numel() > 0 and available(first.shape[2], first.shape[3])
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.shape == first.shape
+                    and t.stride(3) == 1 for t in heads))
+
+
+def _strides(t: torch.Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * 3)(*t.stride()[:3])
+
+
+@torch.library.custom_op("vitlab::head_scores", mutates_args=())
+def _head_scores_op(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    B, heads, N, d = q.shape
+    scores = q.new_empty(B, heads, N, N)
+    _library(N, d).head_scores(q.data_ptr(), k.data_ptr(), _strides(q), _strides(k), scores.data_ptr(), B, heads,
+                               scale, torch.get_num_threads())
+    return scores
+
+
+@_head_scores_op.register_fake
+def _(q, k, scale):
+    B, heads, N, d = q.shape
+    return q.new_empty(B, heads, N, N)
+
+
+def _head_scores_setup(ctx, inputs, output):
+    q, k, scale = inputs
+    ctx.save_for_backward(q, k)
+    ctx.scale = scale
+
+
+def _head_scores_grad(ctx, grad):
+    q, k = ctx.saved_tensors
+    grad = grad * ctx.scale
+    return grad @ k, grad.transpose(-2, -1) @ q, None
+
+
+_head_scores_op.register_autograd(_head_scores_grad, setup_context=_head_scores_setup)
+
+
+@torch.library.custom_op("vitlab::head_weighted_sum", mutates_args=())
+def _head_weighted_sum_op(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    attn = attn.contiguous()
+    B, heads, N, d = v.shape
+    out = v.new_empty(B, N, heads, d)
+    _library(N, d).head_weighted_sum(attn.data_ptr(), v.data_ptr(), _strides(v), out.data_ptr(), B, heads,
+                                     torch.get_num_threads())
+    return out.transpose(1, 2)
+
+
+@_head_weighted_sum_op.register_fake
+def _(attn, v):
+    B, heads, N, d = v.shape
+    return v.new_empty(B, N, heads, d).transpose(1, 2)
+
+
+def _head_weighted_sum_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _head_weighted_sum_grad(ctx, grad):
+    attn, v = ctx.saved_tensors
+    return grad @ v.transpose(-2, -1), attn.transpose(-2, -1) @ grad
+
+
+_head_weighted_sum_op.register_autograd(_head_weighted_sum_grad, setup_context=_head_weighted_sum_setup)
+
+
+@register_flop_formula(torch.ops.vitlab.head_scores)
+def _head_scores_flops(q_shape, *args, **kwargs) -> int:
+    """What torch.utils.flop_counter counts for q @ k^T."""
+    B, heads, N, d = q_shape
+    return 2 * B * heads * N * N * d
+
+
+@register_flop_formula(torch.ops.vitlab.head_weighted_sum)
+def _head_weighted_sum_flops(attn_shape, v_shape, *args, **kwargs) -> int:
+    """What torch.utils.flop_counter counts for attn @ v."""
+    B, heads, N, d = v_shape
+    return 2 * B * heads * N * N * d
+
+
+def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, h, N, d) q and k -> (B, h, N, N) ``scale * q @ k^T``, read straight from views of the q/k/v
+    projection (no copies), 16 images at a time. Needs ``heads_apply(q, k)``."""
+    return _head_scores_op(q, k, scale)
+
+
+def head_weighted_sum(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, h, N, N) weights and (B, h, N, d) v -> (B, h, N, d) ``attn @ v``, stored heads-merged: the
+    result is a view of (B, N, h, d) memory, so that merging the heads copies nothing. Needs
+    ``heads_apply(v)``."""
+    return _head_weighted_sum_op(attn, v)

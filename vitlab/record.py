@@ -138,10 +138,6 @@ class Recording:
         return "\n".join(lines)
 
 
-def _attention_modules(model: nn.Module) -> list[Attention]:
-    return [m for m in model.modules() if isinstance(m, Attention)]
-
-
 @contextmanager
 def record(model: nn.Module, keep_all: bool = False) -> Iterator[Recording]:
     """Record attentions, token states and the shape trace of ``model``'s forward passes.
@@ -149,7 +145,8 @@ def record(model: nn.Module, keep_all: bool = False) -> Iterator[Recording]:
     ``model`` is a vitlab ``ViT`` (convert timm, torchvision or Hugging Face models with
     ``vitlab.interop`` first). ``keep_all=True`` also keeps every traced tensor in ``rec.steps``.
     """
-    attentions = _attention_modules(model)
+    named = list(model.named_modules())  # walked once: the walk is most of what entering costs
+    attentions = [m for _, m in named if isinstance(m, Attention)]
     if not attentions or not hasattr(model, "blocks") or not hasattr(model, "input"):
         raise ValueError(
             f"expected a vitlab ViT (with vitlab Attention modules); got {type(model).__name__}. "
@@ -165,7 +162,7 @@ def record(model: nn.Module, keep_all: bool = False) -> Iterator[Recording]:
         rec.reset()
         rec.images = args[0].detach()
 
-    traced = {module: name for name, module in model.named_modules() if name and isinstance(module, TRACED)}
+    traced = {module: name for name, module in named if name and isinstance(module, TRACED)}
 
     def on_output(module, args, output):
         name = traced.get(module)

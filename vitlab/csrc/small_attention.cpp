@@ -275,3 +275,78 @@ extern "C" void softmax_rows(const float *x, float *y, int64_t rows, int nthread
         if (n < LANES) memcpy(y + r0 * N, part, n * N * sizeof(float));
     }
 }
+
+/* The explicit path's two products, on q, k and v as the q/k/v taps hand them on: (B, H, N, d) tensors
+ * given by their strides in floats over (b, h, n), each head row contiguous; usually views of qkv.
+ *
+ * head_scores:       scores (B, H, N, N) = scale * q k^T
+ * head_weighted_sum: out (B, N, H, d) = attn v, attn (B, H, N, N) contiguous; out is the merged heads. */
+extern "C" void head_scores(const float *q, const float *k, const int64_t *qs, const int64_t *ks, float *scores,
+                            int64_t B, int64_t H, float scale, int nthreads) {
+    const int64_t G = (B + LANES - 1) / LANES;
+#pragma omp parallel num_threads(nthreads)
+    {
+        v16 *const Q = scratch((size_t)(N + NK) * DH), *const K = Q + N * DH;
+        memset(K + N * DH, 0, (NK - N) * DH * sizeof(v16));
+#pragma omp for schedule(static)
+        for (int64_t gh = 0; gh < G * H; gh++) {
+            const int64_t g = gh / H, h = gh % H;
+            const Group grp = group_of(q, g, B, qs[0], h * qs[1]);
+            load_tile(grp, qs[2], Q, scale);
+            load_tile(group_of(k, g, B, ks[0], h * ks[1]), ks[2], K, 1.0f);
+            for (int i = 0; i < N; i++) {
+                v16 s[NK];
+                row_dots(Q + i * DH, K, s);
+                /* lane l of s[j] is image l's score for key j: transposed into each image's row */
+                float *row = scores + (grp.b0 * H + h) * N * N + i * N;
+                for (int u = 0; u < N; u += 16) {
+                    v16 r[16];
+                    for (int t = 0; t < 16; t++) r[t] = u + t < N ? s[u + t] : splat(0.0f);
+                    transpose16(r);
+                    for (int l = 0; l < grp.lanes; l++) {
+                        float *dst = row + l * H * N * N + u;
+                        if (u + 16 <= N) storeu(dst, r[l]);
+                        else memcpy(dst, &r[l], (N - u) * sizeof(float));
+                    }
+                }
+            }
+        }
+        free(Q);
+    }
+}
+
+extern "C" void head_weighted_sum(const float *attn, const float *v, const int64_t *vs, float *out, int64_t B,
+                                  int64_t H, int nthreads) {
+    const int64_t D = H * DH, G = (B + LANES - 1) / LANES;
+#pragma omp parallel num_threads(nthreads)
+    {
+        v16 *const V = scratch((size_t)N * DH + N);
+        v16 *const W = V + N * DH;
+#pragma omp for schedule(static)
+        for (int64_t gh = 0; gh < G * H; gh++) {
+            const int64_t g = gh / H, h = gh % H;
+            const Group grp = group_of(v, g, B, vs[0], h * vs[1]);
+            load_tile(grp, vs[2], V, 1.0f);
+            const Group agrp = group_of(attn, g, B, H * N * N, h * N * N);
+            for (int i = 0; i < N; i++) {
+                /* W[j]: lane l holds image l's weight for key j */
+                for (int u = 0; u < N; u += 16) {
+                    v16 r[16];
+                    for (int l = 0; l < LANES; l++) {
+                        const float *src = agrp.row0[l] + i * N + u;
+                        if (u + 16 <= N) r[l] = loadu(src);
+                        else { r[l] = splat(0.0f); memcpy(&r[l], src, (N - u) * sizeof(float)); }
+                    }
+                    transpose16(r);
+                    for (int t = 0; t < 16 && u + t < N; t++) W[u + t] = r[t];
+                }
+                for (int u = 0; u < DH; u += 16) {
+                    v16 acc[16];
+                    weighted_rows(W, 1, V, u, acc);
+                    store_row(acc, out + h * DH, grp, N * D, D, i, u);
+                }
+            }
+        }
+        free(V);
+    }
+}
