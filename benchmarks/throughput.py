@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=6, help="training bursts per model")
+    parser.add_argument("--infer-rounds", type=int, default=None,
+                        help="inference bursts per model (default: 3x --rounds; an inference burst is short)")
     parser.add_argument("--burst", type=int, default=10, help="steps per timed burst")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd vitlab path")
     args = parser.parse_args(argv)
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
 
     peak = matmul_peak()
     train = round_robin(train_steps, args.rounds, args.burst, args.batch)
-    infer = round_robin(infer_steps, args.rounds, args.burst, args.batch)
+    infer_rounds = args.infer_rounds or 3 * args.rounds
+    infer = round_robin(infer_steps, infer_rounds, args.burst, args.batch)
     peak = max(peak, matmul_peak())
     bf16_peak = f"; bf16 {matmul_peak(dtype=torch.bfloat16):.0f}" if native_bf16() else ""
 
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         gflops = ips * flops[name] / 1e9
         print(f"{name:<24} {params[name]:>8,} {ips:>8,.0f} {ips / train['vitlab']:>9.2f} {flops[name] / 1e6:>10.1f} "
               f"{gflops:>8.1f} {100 * gflops / peak:>6.1f}%")
-    print(f"\ninference (torch.inference_mode), best of {args.rounds} bursts of {args.burst}")
+    print(f"\ninference (torch.inference_mode), best of {infer_rounds} bursts of {args.burst}")
     print(f"{'model':<24} {'img/s':>8} {'x vitlab':>9} {'time x vitlab':>14}")
     for name, ips in sorted(infer.items(), key=lambda kv: -kv[1]):
         print(f"{name:<24} {ips:>8,.0f} {ips / infer['vitlab']:>9.2f} {infer['vitlab'] / ips:>14.2f}")
