@@ -175,6 +175,25 @@ def test_attention_crossover_runs_end_to_end(capsys):
     assert all(float(value) > 0 for row in rows for value in row[2:])
 
 
+# --- attention_kernels.py ----------------------------------------------------------------------------
+
+
+def test_attention_kernels_runs_every_way_end_to_end_and_leaves_the_switch_as_it_was(capsys, monkeypatch):
+    import os
+
+    from vitlab import kernels
+
+    monkeypatch.delenv("VITLAB_KERNELS", raising=False)
+    load("attention_kernels").main(["--threads", "1", "--batch", "4", "--rounds", "1", "--burst", "1"])
+    out = capsys.readouterr().out
+    assert "VITLAB_KERNELS" not in os.environ
+    ways = ["fused, vitlab kernel", "fused, SDPA", "explicit, vitlab kernels", "explicit, PyTorch ops"]
+    if kernels._compiler() is not None:
+        ways.append("kernels.row_softmax")
+    for way in ways + ["torch.softmax"]:
+        assert re.search(rf"^{re.escape(way)} +\d+\.\d +\d+\.\d\d$", out, re.MULTILINE), way
+
+
 # --- validation_sweep.py -----------------------------------------------------------------------------
 
 

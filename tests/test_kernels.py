@@ -178,7 +178,11 @@ def test_attention_softmax_module_uses_the_kernel_only_where_it_applies(monkeypa
     for other in (x.double(), x.transpose(-2, -1), torch.randn(2, 3, 65)):  # float64, not contiguous, too long
         torch.testing.assert_close(attend(other), torch.softmax(other, -1))
     assert torch.equal(torch.softmax(x, 1), vitlab.attention.Softmax(dim=1)(x))  # not the last dim
-    assert len(calls) == 1
+    x.requires_grad_()
+    torch.testing.assert_close(attend(x), torch.softmax(x, -1))  # with autograd: PyTorch's softmax
+    with torch.no_grad():
+        attend(x)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize(("batch", "tokens", "heads", "head_dim"), [(37, 17, 4, 16), (3, 5, 2, 32), (18, 64, 2, 128)])

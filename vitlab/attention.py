@@ -51,12 +51,14 @@ def _check_mask(mask: torch.Tensor, batch: int, heads: int, n: int) -> None:
 
 
 class Softmax(nn.Softmax):
-    """``nn.Softmax`` that runs vitlab's kernel (``kernels.row_softmax``) where it applies: over the last
-    dim of a contiguous float32 CPU tensor of up to ``kernels.MAX_TOKENS`` columns, such as attention
-    scores. The same function and gradient; elsewhere exactly ``nn.Softmax``."""
+    """``nn.Softmax`` that runs vitlab's kernel (``kernels.row_softmax``) where it applies: without
+    autograd, over the last dim of a contiguous float32 CPU tensor of up to ``kernels.MAX_TOKENS``
+    columns, such as attention scores in inference or recording. The same function; elsewhere exactly
+    ``nn.Softmax`` (with autograd the kernel's faster forward did not make up for its custom op's cost
+    in the backward pass: benchmarks/attention_kernels.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.softmax_applies(x, self.dim):
+        if not (torch.is_grad_enabled() and x.requires_grad) and kernels.softmax_applies(x, self.dim):
             return kernels.row_softmax(x)
         return super().forward(x)
 
@@ -107,9 +109,11 @@ class Attention(nn.Module):
             p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, N, d)
         else:
-            # Where vitlab's kernels apply, they take q, k and v as the taps hand them on (views of the
-            # projection) and compute the expressions beside them without first copying the views.
-            products = kernels.heads_apply(q, k, v)
+            # Without autograd (inference, recording) vitlab's kernels take q, k and v as the taps hand
+            # them on (views of the projection) and compute the expressions beside them without first
+            # copying the views. With autograd the matmuls are faster: their backward reuses those copies.
+            grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            products = not grad and kernels.heads_apply(q, k, v)
             # (B, h, N, N). q is scaled first: the product needs a contiguous copy of the q view anyway
             scores = kernels.head_scores(q, k, self.scale) if products else (q * self.scale) @ k.transpose(-2, -1)
             if mask is not None:
