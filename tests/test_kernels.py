@@ -126,6 +126,15 @@ def test_unsupported_sizes_are_not_built():
     assert (kernels.MAX_TOKENS + 1, 16) not in kernels._libraries
 
 
+def test_tensors_no_kernel_takes_build_nothing(monkeypatch):
+    monkeypatch.setattr(kernels, "_libraries", {})
+    q = torch.randn(2, 4, 17, 16, dtype=torch.float64)
+    assert not kernels.heads_apply(q, q, q)
+    assert not kernels.softmax_applies(q, -1)
+    assert not kernels.applies(torch.randn(2, 17, 64, dtype=torch.float64), 4)
+    assert kernels._libraries == {}
+
+
 def test_build_lands_in_the_cache_folder_whole(monkeypatch, tmp_path):
     monkeypatch.setenv("VITLAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "_libraries", {})

@@ -274,9 +274,10 @@ def heads_apply(*heads: torch.Tensor) -> bool:
     """Whether ``head_scores`` and ``head_weighted_sum`` can take these (B, h, N, d) tensors (q, k, v):
     float32 on a CPU, each head row contiguous, and ``available`` for their N and d."""
     first = heads[0]
-    return (first.ndim == 4 and first.numel() > 0 and available(first.shape[2], first.shape[3])
+    return (first.ndim == 4 and first.numel() > 0
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.shape == first.shape
-                    and t.stride(3) == 1 for t in heads))
+                    and t.stride(3) == 1 for t in heads)
+            and available(first.shape[2], first.shape[3]))  # last: it builds the kernel on first use
 
 
 def _strides(t: torch.Tensor) -> ctypes.Array:
