@@ -100,7 +100,13 @@ class Attention(nn.Module):
         if mask is not None:
             _check_mask(mask, B, self.heads, N)
         if self.fused and mask is None and self._kernel_applies(x):
-            return self.proj_drop(self.proj(kernels.small_attention(self.qkv(x), self.heads, self.scale)))
+            # Where both products run in bf16 (precision.matmuls_in), the kernel reads and writes bf16
+            # itself: the same numbers as casting to float32 and back around it, without those passes.
+            # A hook on either projection sees them as before: called as modules, in float32.
+            in_product_dtype = self.qkv.matmul_dtype == self.proj.matmul_dtype and not any(
+                m._forward_hooks or m._forward_pre_hooks for m in (self.qkv, self.proj))
+            qkv = self.qkv.product(x) if in_product_dtype else self.qkv(x)
+            return self.proj_drop(self.proj(kernels.small_attention(qkv, self.heads, self.scale)))
         # 'b n (three h d) -> three (b h n d)': chunk, not indexing, so that the backward pass
         # concatenates the three gradients instead of zero-filling and adding three full-size tensors.
         q, k, v = (t.view(B, N, self.heads, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))

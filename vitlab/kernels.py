@@ -104,10 +104,13 @@ def _build(tokens: int, head_dim: int) -> ctypes.CDLL:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         lib.attn_forward.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
         lib.attn_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
+        lib.attn_forward_bf16.argtypes = lib.attn_forward.argtypes
+        lib.attn_backward_bf16.argtypes = lib.attn_backward.argtypes
         lib.softmax_rows.argtypes = [pointer, pointer, size, ctypes.c_int]
         lib.head_scores.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
         lib.head_weighted_sum.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_int]
-        for function in (lib.attn_forward, lib.attn_backward, lib.softmax_rows, lib.head_scores, lib.head_weighted_sum):
+        for function in (lib.attn_forward, lib.attn_backward, lib.attn_forward_bf16, lib.attn_backward_bf16,
+                         lib.softmax_rows, lib.head_scores, lib.head_weighted_sum):
             function.restype = None
         return lib
     raise RuntimeError(f"no writable folder for the built kernel (tried {cache_dir() / 'kernels'} and the temp dir)")
@@ -151,22 +154,35 @@ def probabilities(probs: torch.Tensor, batch: int) -> torch.Tensor:
     return probs.permute(0, 4, 1, 2, 3).reshape(G * lanes, heads, N, N)[:batch]
 
 
+DTYPES = (torch.float32, torch.bfloat16)  # of q, k, v and the output; the arithmetic is float32 either way
+
+
+def _check_dtype(qkv: torch.Tensor) -> None:
+    if qkv.dtype not in DTYPES:
+        raise ValueError(f"the attention kernel takes q/k/v in float32 or bfloat16; got {qkv.dtype}")
+
+
 def _forward(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_dtype(qkv)
     qkv = qkv.contiguous()
     B, N, three_d = qkv.shape
     D = three_d // 3
-    out, probs = qkv.new_empty(B, N, D), qkv.new_empty(_groups(B), heads, N, N, LANES)
-    _library(N, D // heads).attn_forward(qkv.data_ptr(), out.data_ptr(), probs.data_ptr(), B, heads, scale,
-                                         torch.get_num_threads())
+    out, probs = qkv.new_empty(B, N, D), qkv.new_empty(_groups(B), heads, N, N, LANES, dtype=torch.float32)
+    lib = _library(N, D // heads)
+    forward = lib.attn_forward_bf16 if qkv.dtype == torch.bfloat16 else lib.attn_forward
+    forward(qkv.data_ptr(), out.data_ptr(), probs.data_ptr(), B, heads, scale, torch.get_num_threads())
     return out, probs
 
 
 def _backward(qkv: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    qkv, probs, grad_out = qkv.contiguous(), probs.contiguous(), grad_out.contiguous()
+    _check_dtype(qkv)
+    qkv, probs, grad_out = qkv.contiguous(), probs.contiguous(), grad_out.to(qkv.dtype).contiguous()
     B, N, three_d = qkv.shape
     grad_qkv = torch.empty_like(qkv)
-    _library(N, three_d // 3 // heads).attn_backward(qkv.data_ptr(), probs.data_ptr(), grad_out.data_ptr(),
-                                                     grad_qkv.data_ptr(), B, heads, scale, torch.get_num_threads())
+    lib = _library(N, three_d // 3 // heads)
+    backward = lib.attn_backward_bf16 if qkv.dtype == torch.bfloat16 else lib.attn_backward
+    backward(qkv.data_ptr(), probs.data_ptr(), grad_out.data_ptr(), grad_qkv.data_ptr(), B, heads, scale,
+             torch.get_num_threads())
     return grad_qkv
 
 
@@ -181,7 +197,7 @@ def _small_attention_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[to
 @_small_attention_op.register_fake
 def _(qkv, heads, scale):
     B, N, three_d = qkv.shape
-    return qkv.new_empty(B, N, three_d // 3), qkv.new_empty(_groups(B), heads, N, N, LANES)
+    return qkv.new_empty(B, N, three_d // 3), qkv.new_empty(_groups(B), heads, N, N, LANES, dtype=torch.float32)
 
 
 @torch.library.custom_op("vitlab::grouped_attention_backward", mutates_args=())
@@ -226,7 +242,12 @@ def _backward_flops(qkv_shape, *args, **kwargs) -> int:
 
 def small_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """(B, N, 3*D) q/k/v projection -> (B, N, D) heads merged: softmax(q k^T * scale) v per head, the
-    function of ``Attention``'s explicit path without a mask. Needs ``applies`` to hold for the tokens."""
+    function of ``Attention``'s explicit path without a mask. Needs ``applies`` to hold for the tokens.
+
+    ``qkv`` is float32, or bfloat16 where the products around the attention run in bf16
+    (``vitlab.precision``): then the output is bf16 too, rounded to nearest even, the scores, softmax
+    and sums in between are float32, and the result is exactly what casting q, k, v to float32, running
+    in float32 and casting the output back gives, without the two casts' passes over memory."""
     return _small_attention_op(qkv, heads, scale)[0]
 
 

@@ -38,11 +38,17 @@ class Linear(nn.Linear):
     matmul_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product, cast back to the wider of the input's and the weight's dtype."""
+        return self.product(x).to(torch.promote_types(x.dtype, self.weight.dtype))
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The product in ``matmul_dtype`` (its result in that dtype, not cast back): what the
+        attention kernel reads when it can take bf16 (``vitlab.kernels.small_attention``)."""
         dtype = self.matmul_dtype
-        if dtype is None or dtype == x.dtype:
+        if dtype is None or dtype == x.dtype == self.weight.dtype:
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
 
 def check_precision(precision: str) -> torch.dtype | None:

@@ -89,15 +89,38 @@ static inline v16 vexp(v16 x0) {
     return x0 < -87.0f ? splat(0.0f) : y * scale;
 }
 
+/* Rows of q, k, v and their gradients are float32, or bf16 (uint16_t) where the products around the
+ * attention run in bf16: loads widen to float32, stores round to nearest even, as PyTorch's casts do. */
+typedef uint16_t h16v __attribute__((vector_size(32)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+
+static inline v16 load16(const float *p) { return loadu(p); }
+static inline v16 load16(const uint16_t *p) {
+    h16v h; memcpy(&h, p, sizeof h);
+    const u16v w = __builtin_convertvector(h, u16v) << 16;
+    v16 r; memcpy(&r, &w, sizeof r);
+    return r;
+}
+static inline void store16(float *p, v16 x) { storeu(p, x); }
+static inline void store16(uint16_t *p, v16 x) {
+    u16v u; memcpy(&u, &x, sizeof u);
+    const u16v rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const u16v bits = x != x ? (u16v){0} + 0x7FC0u : rounded;  /* NaN: the quiet NaN c10::BFloat16 gives */
+    const h16v h = __builtin_convertvector(bits, h16v);
+    memcpy(p, &h, sizeof h);
+}
+
 /* The 16 images of one group: where image l's rows start, the last real image standing in for spare lanes. */
+template <typename T>
 struct Group {
-    const float *row0[LANES];
+    const T *row0[LANES];
     int64_t b0;
     int lanes;  /* real images in the group */
 };
 
-static inline Group group_of(const float *x, int64_t g, int64_t B, int64_t image_stride, int64_t offset) {
-    Group grp;
+template <typename T>
+static inline Group<T> group_of(const T *x, int64_t g, int64_t B, int64_t image_stride, int64_t offset) {
+    Group<T> grp;
     grp.b0 = g * LANES;
     grp.lanes = (int)(B - grp.b0 < LANES ? B - grp.b0 : LANES);
     for (int l = 0; l < LANES; l++) {
@@ -108,11 +131,12 @@ static inline Group group_of(const float *x, int64_t g, int64_t B, int64_t image
 }
 
 /* tile[n * DH + c] = lane vector of element c of token n's row (rows `stride` apart), times `mul`. */
-static inline void load_tile(const Group &grp, int64_t stride, v16 *tile, float mul) {
+template <typename T>
+static inline void load_tile(const Group<T> &grp, int64_t stride, v16 *tile, float mul) {
     v16 r[16];
     for (int n = 0; n < N; n++)
         for (int u = 0; u < DH; u += 16) {
-            for (int l = 0; l < LANES; l++) r[l] = loadu(grp.row0[l] + n * stride + u);
+            for (int l = 0; l < LANES; l++) r[l] = load16(grp.row0[l] + n * stride + u);
             transpose16(r);
             for (int t = 0; t < 16; t++) tile[n * DH + u + t] = r[t] * mul;
         }
@@ -120,10 +144,10 @@ static inline void load_tile(const Group &grp, int64_t stride, v16 *tile, float 
 
 /* The inverse for one token: acc[t] is the lane vector of element u + t; writes the group's real images'
  * rows at dst + b * image_stride + n * stride + u. */
-static inline void store_row(v16 acc[16], float *dst, const Group &grp, int64_t image_stride, int64_t stride,
-                             int n, int u) {
+template <typename T, typename G>
+static inline void store_row(v16 acc[16], T *dst, const G &grp, int64_t image_stride, int64_t stride, int n, int u) {
     transpose16(acc);
-    for (int l = 0; l < grp.lanes; l++) storeu(dst + (grp.b0 + l) * image_stride + n * stride + u, acc[l]);
+    for (int l = 0; l < grp.lanes; l++) store16(dst + (grp.b0 + l) * image_stride + n * stride + u, acc[l]);
 }
 
 /* s[j] = sum_c a[c] * b[j * DH + c] for j < NK, with a = a row of one tile and b a whole tile. */
@@ -157,8 +181,8 @@ static inline v16 *scratch(size_t vectors) {
     return (v16 *)aligned_alloc(64, vectors * sizeof(v16));
 }
 
-extern "C" void attn_forward(const float *qkv, float *out, float *probs, int64_t B, int64_t H, float scale,
-                             int nthreads) {
+template <typename T>
+static void forward(const T *qkv, T *out, float *probs, int64_t B, int64_t H, float scale, int nthreads) {
     const int64_t D = H * DH, row = 3 * D, G = (B + LANES - 1) / LANES;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -167,7 +191,7 @@ extern "C" void attn_forward(const float *qkv, float *out, float *probs, int64_t
 #pragma omp for schedule(static)
         for (int64_t gh = 0; gh < G * H; gh++) {
             const int64_t g = gh / H, h = gh % H;
-            const Group grp = group_of(qkv, g, B, N * row, h * DH);
+            const auto grp = group_of(qkv, g, B, N * row, h * DH);
             load_tile(grp, row, Q, scale);
             load_tile(group_of(qkv, g, B, N * row, D + h * DH), row, K, 1.0f);
             load_tile(group_of(qkv, g, B, N * row, 2 * D + h * DH), row, V, 1.0f);
@@ -192,8 +216,9 @@ extern "C" void attn_forward(const float *qkv, float *out, float *probs, int64_t
     }
 }
 
-extern "C" void attn_backward(const float *qkv, const float *probs, const float *gout, float *gqkv, int64_t B,
-                              int64_t H, float scale, int nthreads) {
+template <typename T>
+static void backward(const T *qkv, const float *probs, const T *gout, T *gqkv, int64_t B, int64_t H, float scale,
+                     int nthreads) {
     const int64_t D = H * DH, row = 3 * D, G = (B + LANES - 1) / LANES;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -204,13 +229,13 @@ extern "C" void attn_backward(const float *qkv, const float *probs, const float 
 #pragma omp for schedule(static)
         for (int64_t gh = 0; gh < G * H; gh++) {
             const int64_t g = gh / H, h = gh % H;
-            const Group qgrp = group_of(qkv, g, B, N * row, h * DH);
+            const auto qgrp = group_of(qkv, g, B, N * row, h * DH);
             load_tile(qgrp, row, Q, 1.0f);
             load_tile(group_of(qkv, g, B, N * row, D + h * DH), row, K, 1.0f);
             load_tile(group_of(qkv, g, B, N * row, 2 * D + h * DH), row, V, 1.0f);
             load_tile(group_of(gout, g, B, N * D, h * DH), D, GO, 1.0f);
             memcpy(P, probs + gh * N * N * LANES, N * N * sizeof(v16));
-            float *const gq = gqkv + h * DH, *const gk = gq + D, *const gv = gq + 2 * D;
+            T *const gq = gqkv + h * DH, *const gk = gq + D, *const gv = gq + 2 * D;
             /* gS = P * (gP - rowsum(P * gP)) * scale, where gP[i][j] = gO_i . v_j;  gQ_i = sum_j gS[i][j] k_j */
             for (int i = 0; i < N; i++) {
                 v16 gp[NK];
@@ -236,6 +261,27 @@ extern "C" void attn_backward(const float *qkv, const float *probs, const float 
         }
         free(Q);
     }
+}
+
+extern "C" void attn_forward(const float *qkv, float *out, float *probs, int64_t B, int64_t H, float scale,
+                             int nthreads) {
+    forward(qkv, out, probs, B, H, scale, nthreads);
+}
+
+extern "C" void attn_backward(const float *qkv, const float *probs, const float *gout, float *gqkv, int64_t B,
+                              int64_t H, float scale, int nthreads) {
+    backward(qkv, probs, gout, gqkv, B, H, scale, nthreads);
+}
+
+/* The same with qkv, out, gout and gqkv in bf16; the arithmetic and the probabilities stay float32. */
+extern "C" void attn_forward_bf16(const uint16_t *qkv, uint16_t *out, float *probs, int64_t B, int64_t H,
+                                  float scale, int nthreads) {
+    forward(qkv, out, probs, B, H, scale, nthreads);
+}
+
+extern "C" void attn_backward_bf16(const uint16_t *qkv, const float *probs, const uint16_t *gout, uint16_t *gqkv,
+                                   int64_t B, int64_t H, float scale, int nthreads) {
+    backward(qkv, probs, gout, gqkv, B, H, scale, nthreads);
 }
 
 /* y = softmax(x) over each row of N: x and y (rows, N), row-major. */
@@ -291,7 +337,7 @@ extern "C" void head_scores(const float *q, const float *k, const int64_t *qs, c
 #pragma omp for schedule(static)
         for (int64_t gh = 0; gh < G * H; gh++) {
             const int64_t g = gh / H, h = gh % H;
-            const Group grp = group_of(q, g, B, qs[0], h * qs[1]);
+            const auto grp = group_of(q, g, B, qs[0], h * qs[1]);
             load_tile(grp, qs[2], Q, scale);
             load_tile(group_of(k, g, B, ks[0], h * ks[1]), ks[2], K, 1.0f);
             for (int i = 0; i < N; i++) {
@@ -325,9 +371,9 @@ extern "C" void head_weighted_sum(const float *attn, const float *v, const int64
 #pragma omp for schedule(static)
         for (int64_t gh = 0; gh < G * H; gh++) {
             const int64_t g = gh / H, h = gh % H;
-            const Group grp = group_of(v, g, B, vs[0], h * vs[1]);
+            const auto grp = group_of(v, g, B, vs[0], h * vs[1]);
             load_tile(grp, vs[2], V, 1.0f);
-            const Group agrp = group_of(attn, g, B, H * N * N, h * N * N);
+            const auto agrp = group_of(attn, g, B, H * N * N, h * N * N);
             for (int i = 0; i < N; i++) {
                 /* W[j]: lane l holds image l's weight for key j */
                 for (int u = 0; u < N; u += 16) {
