@@ -248,3 +248,60 @@ def test_flop_counter_counts_the_explicit_and_the_fused_path_alike(monkeypatch):
     with FlopCounterMode(display=False) as counter:
         model(images).sum().backward()
     assert counts[True] == counts[False] == counter.get_total_flops()
+
+
+def test_bf16_kernel_is_the_float32_kernel_between_casts():
+    torch.manual_seed(0)
+    qkv = (torch.randn(37, 17, 3 * 64) * 2).to(torch.bfloat16).requires_grad_()
+    qkv32 = qkv.detach().float().requires_grad_()
+    grad = torch.randn(37, 17, 64).to(torch.bfloat16)
+    out, probs = kernels._small_attention_op(qkv, 4, 0.25)
+    out32, probs32 = kernels._small_attention_op(qkv32, 4, 0.25)
+    assert out.dtype == torch.bfloat16 and probs.dtype == torch.float32
+    assert torch.equal(out, out32.to(torch.bfloat16))  # rounded to nearest even, as PyTorch's cast
+    assert torch.equal(probs, probs32)
+    (g,) = torch.autograd.grad(out, qkv, grad)
+    (g32,) = torch.autograd.grad(out32, qkv32, grad.float())
+    assert g.dtype == torch.bfloat16 and torch.equal(g, g32.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="float32 or bfloat16; got torch.float64"):
+        kernels._small_attention_op(qkv32.detach().double(), 4, 0.25)
+
+
+def test_bf16_products_give_the_same_step_with_the_kernel_in_bf16_as_with_casts_around_it():
+    from vitlab.precision import matmuls_in
+
+    images, labels = torch.randn(20, 1, 28, 28), torch.arange(20) % 10
+    results = []
+    for hooked in (False, True):  # a hook on the projections keeps them float32 modules: the casts
+        torch.manual_seed(0)
+        model = ViT(ViTConfig(depth=2))
+        if hooked:
+            for block in model.blocks:
+                block.attn.qkv.register_forward_pre_hook(lambda module, args: None)
+        calls = []
+        real = kernels._forward
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "_forward", lambda qkv, *args: calls.append(qkv.dtype) or real(qkv, *args))
+            with matmuls_in(model, "bf16"):
+                loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+        assert calls == [torch.float32 if hooked else torch.bfloat16] * 2
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss, grads), (loss_casts, grads_casts) = results
+    assert torch.equal(loss, loss_casts)
+    assert all(torch.equal(g, g_casts) for g, g_casts in zip(grads, grads_casts))
+
+
+def test_compiled_bf16_model_runs_the_kernel_in_bf16_and_matches_eager():
+    from vitlab.precision import matmuls_in
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(depth=1))
+    images = torch.randn(4, 1, 28, 28)
+    compiled = torch.compile(model)
+    dtypes = []
+    real = kernels._forward
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad(), matmuls_in(model, "bf16"):
+        patch.setattr(kernels, "_forward", lambda qkv, *args: dtypes.append(qkv.dtype) or real(qkv, *args))
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-3, atol=1e-3)
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # the compiled graph's call, then eager's

@@ -45,6 +45,19 @@ def test_bf16_rounds_the_inputs_of_the_product_and_returns_float32():
     assert x.grad.dtype == torch.float32
 
 
+def test_product_is_the_product_in_its_dtype_and_a_bf16_input_gives_a_float32_output():
+    torch.manual_seed(0)
+    layer, x = Linear(64, 32), torch.randn(8, 64)
+    assert torch.equal(layer.product(x), layer(x))  # fp32: nothing to cast
+    with matmuls_in(layer, "bf16"):
+        product = layer.product(x)
+        assert product.dtype == torch.bfloat16 and torch.equal(product.float(), layer(x))
+        out = layer(x.bfloat16())  # as the attention kernel hands on its bf16 output
+    assert out.dtype == torch.float32
+    expected = F.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()).float()
+    assert torch.equal(out, expected)
+
+
 def test_the_setting_holds_inside_the_block_only_also_after_an_error():
     model = tiny_vit()
     layers = [m for m in model.modules() if isinstance(m, Linear)]
