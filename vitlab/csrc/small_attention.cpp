@@ -1,4 +1,5 @@
-/* Softmax attention over short token sequences on a CPU, forward and backward, float32.
+/* Softmax attention over short token sequences on a CPU, forward and backward, in float32 arithmetic
+ * on q, k, v (and gradients) stored as float32 or as bf16.
  *
  * Built by vitlab/kernels.py for one token count and head size: -DTOKENS=N -DHEAD_DIM=d, d a multiple
  * of 16. The 16 lanes of a vector hold 16 different images: one task is a group of 16 images and one
