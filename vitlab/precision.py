@@ -40,6 +40,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The product, cast back to the wider of the input's and the weight's dtype."""
+        if self.matmul_dtype is None:
+            return super().forward(x)
         return self.product(x).to(torch.promote_types(x.dtype, self.weight.dtype))
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
