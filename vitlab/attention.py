@@ -70,8 +70,10 @@ class Attention(nn.Module):
     probabilities come out of one named module, ``self.attend``, where the recorder reads them.
     ``fused=True`` never shows the probabilities: on a CPU, in float32, without a mask or attention
     dropout and for up to ``kernels.MAX_TOKENS`` tokens it runs vitlab's own kernel
-    (``vitlab.kernels``, where it can be built), elsewhere ``F.scaled_dot_product_attention``.
-    Every path computes the same function.
+    (``vitlab.kernels``, where it can be built; it takes the q/k/v product in bf16 where
+    ``precision.matmuls_in`` makes it bf16), elsewhere ``F.scaled_dot_product_attention``. The
+    explicit path runs on kernels of the same source where no autograd is needed. Every path computes
+    the same function.
     """
 
     def __init__(
