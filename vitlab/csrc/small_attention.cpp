@@ -285,41 +285,53 @@ extern "C" void attn_backward_bf16(const uint16_t *qkv, const float *probs, cons
     backward(qkv, probs, gout, gqkv, B, H, scale, nthreads);
 }
 
+/* Rows of N floats <-> lane vectors: col[j] holds element j of the 16 rows row[0..15]. Whole blocks of
+ * 16 columns go through a transpose in registers, the rest one element at a time. */
+static inline void load_columns(const float *const row[LANES], v16 col[N]) {
+    for (int u = 0; u + 16 <= N; u += 16) {
+        v16 r[16];
+        for (int l = 0; l < LANES; l++) r[l] = loadu(row[l] + u);
+        transpose16(r);
+        for (int t = 0; t < 16; t++) col[u + t] = r[t];
+    }
+    for (int j = N / 16 * 16; j < N; j++)
+        for (int l = 0; l < LANES; l++) col[j][l] = row[l][j];
+}
+
+/* The inverse, writing only the first `lanes` rows. */
+static inline void store_columns(const v16 col[N], float *const row[LANES], int lanes) {
+    for (int u = 0; u + 16 <= N; u += 16) {
+        v16 r[16];
+        for (int t = 0; t < 16; t++) r[t] = col[u + t];
+        transpose16(r);
+        for (int l = 0; l < lanes; l++) storeu(row[l] + u, r[l]);
+    }
+    for (int j = N / 16 * 16; j < N; j++)
+        for (int l = 0; l < lanes; l++) row[l][j] = col[j][l];
+}
+
 /* y = softmax(x) over each row of N: x and y (rows, N), row-major. */
 extern "C" void softmax_rows(const float *x, float *y, int64_t rows, int nthreads) {
     const int64_t groups = (rows + LANES - 1) / LANES;
+    static const float zeros[N] = {0};  /* stands in for the rows missing from the last group */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
-        const int64_t r0 = g * LANES, n = rows - r0 < LANES ? rows - r0 : LANES;
-        float part[LANES * N];  /* the last group's rows, padded with zeros to 16 */
-        const float *src = x + r0 * N;
-        if (n < LANES) {
-            memset(part, 0, sizeof part);
-            memcpy(part, src, n * N * sizeof(float));
-            src = part;
+        const int64_t r0 = g * LANES;
+        const int n = (int)(rows - r0 < LANES ? rows - r0 : LANES);
+        const float *in[LANES];
+        float *out[LANES];
+        for (int l = 0; l < LANES; l++) {
+            in[l] = l < n ? x + (r0 + l) * N : zeros;
+            out[l] = y + (r0 + (l < n ? l : 0)) * N;  /* only the first n are written */
         }
-        v16 col[N], r[16];
-        for (int u = 0; u + 16 <= N; u += 16) {  /* whole blocks of 16 columns: transposed in registers */
-            for (int l = 0; l < 16; l++) r[l] = loadu(src + l * N + u);
-            transpose16(r);
-            for (int t = 0; t < 16; t++) col[u + t] = r[t];
-        }
-        for (int j = N / 16 * 16; j < N; j++)  /* the rest, one element at a time */
-            for (int l = 0; l < 16; l++) col[j][l] = src[l * N + j];
+        v16 col[N];
+        load_columns(in, col);
         v16 m = col[0], total = splat(0.0f);
         for (int j = 1; j < N; j++) m = col[j] > m ? col[j] : m;
         for (int j = 0; j < N; j++) total += (col[j] = vexp(col[j] - m));
         const v16 inv = 1.0f / total;
         for (int j = 0; j < N; j++) col[j] *= inv;
-        float *dst = n < LANES ? part : y + r0 * N;
-        for (int u = 0; u + 16 <= N; u += 16) {
-            for (int t = 0; t < 16; t++) r[t] = col[u + t];
-            transpose16(r);
-            for (int l = 0; l < 16; l++) storeu(dst + l * N + u, r[l]);
-        }
-        for (int j = N / 16 * 16; j < N; j++)
-            for (int l = 0; l < 16; l++) dst[l * N + j] = col[j][l];
-        if (n < LANES) memcpy(y + r0 * N, part, n * N * sizeof(float));
+        store_columns(col, out, n);
     }
 }
 
@@ -345,17 +357,10 @@ extern "C" void head_scores(const float *q, const float *k, const int64_t *qs, c
                 v16 s[NK];
                 row_dots(Q + i * DH, K, s);
                 /* lane l of s[j] is image l's score for key j: transposed into each image's row */
-                float *row = scores + (grp.b0 * H + h) * N * N + i * N;
-                for (int u = 0; u < N; u += 16) {
-                    v16 r[16];
-                    for (int t = 0; t < 16; t++) r[t] = u + t < N ? s[u + t] : splat(0.0f);
-                    transpose16(r);
-                    for (int l = 0; l < grp.lanes; l++) {
-                        float *dst = row + l * H * N * N + u;
-                        if (u + 16 <= N) storeu(dst, r[l]);
-                        else memcpy(dst, &r[l], (N - u) * sizeof(float));
-                    }
-                }
+                float *rows[LANES];
+                for (int l = 0; l < LANES; l++)  /* spare lanes point at the first row: never written */
+                    rows[l] = scores + ((grp.b0 + (l < grp.lanes ? l : 0)) * H + h) * N * N + i * N;
+                store_columns(s, rows, grp.lanes);
             }
         }
         free(Q);
@@ -377,16 +382,9 @@ extern "C" void head_weighted_sum(const float *attn, const float *v, const int64
             const auto agrp = group_of(attn, g, B, H * N * N, h * N * N);
             for (int i = 0; i < N; i++) {
                 /* W[j]: lane l holds image l's weight for key j */
-                for (int u = 0; u < N; u += 16) {
-                    v16 r[16];
-                    for (int l = 0; l < LANES; l++) {
-                        const float *src = agrp.row0[l] + i * N + u;
-                        if (u + 16 <= N) r[l] = loadu(src);
-                        else { r[l] = splat(0.0f); memcpy(&r[l], src, (N - u) * sizeof(float)); }
-                    }
-                    transpose16(r);
-                    for (int t = 0; t < 16 && u + t < N; t++) W[u + t] = r[t];
-                }
+                const float *rows[LANES];
+                for (int l = 0; l < LANES; l++) rows[l] = agrp.row0[l] + i * N;
+                load_columns(rows, W);
                 for (int u = 0; u < DH; u += 16) {
                     v16 acc[16];
                     weighted_rows(W, 1, V, u, acc);
