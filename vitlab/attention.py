@@ -50,6 +50,16 @@ def _check_mask(mask: torch.Tensor, batch: int, heads: int, n: int) -> None:
         raise ValueError("every query must be allowed to attend to at least one key; the mask has an all-False row")
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will record an op on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` has a forward hook of its own (process-wide hooks do not count)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class Softmax(nn.Softmax):
     """``nn.Softmax`` that runs vitlab's kernel (``kernels.row_softmax``) where it applies: without
     autograd, over the last dim of a contiguous float32 CPU tensor of up to ``kernels.MAX_TOKENS``
@@ -58,7 +68,7 @@ class Softmax(nn.Softmax):
     in the backward pass: benchmarks/attention_kernels.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and x.requires_grad) and kernels.softmax_applies(x, self.dim):
+        if not _needs_grad(x) and kernels.softmax_applies(x, self.dim):
             return kernels.row_softmax(x)
         return super().forward(x)
 
@@ -105,8 +115,7 @@ class Attention(nn.Module):
             # Where both products run in bf16 (precision.matmuls_in), the kernel reads and writes bf16
             # itself: the same numbers as casting to float32 and back around it, without those passes.
             # A hook on either projection sees them as before: called as modules, in float32.
-            in_product_dtype = self.qkv.matmul_dtype == self.proj.matmul_dtype and not any(
-                m._forward_hooks or m._forward_pre_hooks for m in (self.qkv, self.proj))
+            in_product_dtype = self.qkv.matmul_dtype == self.proj.matmul_dtype and not _hooked(self.qkv, self.proj)
             qkv = self.qkv.product(x) if in_product_dtype else self.qkv(x)
             return self.proj_drop(self.proj(kernels.small_attention(qkv, self.heads, self.scale)))
         # 'b n (three h d) -> three (b h n d)': chunk, not indexing, so that the backward pass
@@ -120,8 +129,7 @@ class Attention(nn.Module):
             # Without autograd (inference, recording) vitlab's kernels take q, k and v as the taps hand
             # them on (views of the projection) and compute the expressions beside them without first
             # copying the views. With autograd the matmuls are faster: their backward reuses those copies.
-            grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-            products = not grad and kernels.heads_apply(q, k, v)
+            products = not _needs_grad(q, k, v) and kernels.heads_apply(q, k, v)
             # (B, h, N, N). q is scaled first: the product needs a contiguous copy of the q view anyway
             scores = kernels.head_scores(q, k, self.scale) if products else (q * self.scale) @ k.transpose(-2, -1)
             if mask is not None:
@@ -137,6 +145,6 @@ class Attention(nn.Module):
         and no attention dropout to apply."""
         if self.training and self.attn_drop.p > 0:
             return False
-        if any(tap._forward_hooks or tap._forward_pre_hooks for tap in (self.q, self.k, self.v, self.merge)):
+        if _hooked(self.q, self.k, self.v, self.merge):
             return False
         return kernels.applies(x, self.heads)

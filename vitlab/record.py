@@ -88,9 +88,10 @@ class Recording:
         self.steps: dict[str, torch.Tensor] = {}  # every traced output, with keep_all=True
         self._filled = {"attentions": 0, "tokens": 0}  # layers of each buffer this pass has written
 
-    def _store(self, kind: str, index: int, value: torch.Tensor, slots: int) -> None:
-        """Copy ``value`` (B, ...) into slot ``index`` of the ``kind`` buffer (slots, B, ...)."""
-        shape = (slots, *value.shape)
+    def _store(self, kind: str, index: int, value: torch.Tensor) -> None:
+        """Copy ``value`` (B, ...) into slot ``index`` of the ``kind`` buffer (L, B, ...) or, for the
+        tokens, whose slot 0 holds the embeddings, (1+L, B, ...)."""
+        shape = (self.depth + (kind == "tokens"), *value.shape)
         buffer = self._buffers.get(kind)
         if buffer is None or buffer.shape != shape or buffer.dtype != value.dtype or buffer.device != value.device:
             buffer = self._buffers[kind] = _buffer(shape, value)
@@ -172,11 +173,11 @@ def record(model: nn.Module, keep_all: bool = False) -> Iterator[Recording]:
         if rec.keep_all:
             rec.steps[name] = output.detach()
         if module in attend_index:
-            rec._store("attentions", attend_index[module], output, rec.depth)
+            rec._store("attentions", attend_index[module], output)
         elif module in block_index:
             if block_index[module] == 0:
-                rec._store("tokens", 0, args[0], 1 + rec.depth)
-            rec._store("tokens", 1 + block_index[module], output, 1 + rec.depth)
+                rec._store("tokens", 0, args[0])
+            rec._store("tokens", 1 + block_index[module], output)
 
     def on_logits(module, args, output):
         rec.logits = output.detach()
