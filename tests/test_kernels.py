@@ -11,6 +11,14 @@ from vitlab import Attention, ViT, ViTConfig, kernels
 pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler to build the kernel with")
 
 
+def spy_on_forward(monkeypatch) -> list:
+    """The dtype of q/k/v at each call of the kernel's forward pass, from now until the test ends."""
+    dtypes = []
+    real = kernels._forward
+    monkeypatch.setattr(kernels, "_forward", lambda qkv, *args: dtypes.append(qkv.dtype) or real(qkv, *args))
+    return dtypes
+
+
 def explicit_reference(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's equations with plain PyTorch ops: (B, N, 3D) -> (B, N, D) and the (B, h, N, N) probabilities."""
     B, N, three_d = qkv.shape
@@ -148,9 +156,7 @@ def test_compiled_model_runs_the_kernel_as_one_op(monkeypatch):
     model = ViT(ViTConfig(depth=2))
     images = torch.randn(4, 1, 28, 28)
     compiled = torch.compile(model)
-    calls = []
-    real = kernels._forward
-    monkeypatch.setattr(kernels, "_forward", lambda *args: calls.append(1) or real(*args))
+    calls = spy_on_forward(monkeypatch)
     torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)
     assert len(calls) == 2 * 2  # each block's attention, in the compiled model and in the eager one
 
@@ -278,10 +284,8 @@ def test_bf16_products_give_the_same_step_with_the_kernel_in_bf16_as_with_casts_
         if hooked:
             for block in model.blocks:
                 block.attn.qkv.register_forward_pre_hook(lambda module, args: None)
-        calls = []
-        real = kernels._forward
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(kernels, "_forward", lambda qkv, *args: calls.append(qkv.dtype) or real(qkv, *args))
+            calls = spy_on_forward(patch)
             with matmuls_in(model, "bf16"):
                 loss = F.cross_entropy(model(images), labels)
             loss.backward()
@@ -292,16 +296,14 @@ def test_bf16_products_give_the_same_step_with_the_kernel_in_bf16_as_with_casts_
     assert all(torch.equal(g, g_casts) for g, g_casts in zip(grads, grads_casts))
 
 
-def test_compiled_bf16_model_runs_the_kernel_in_bf16_and_matches_eager():
+def test_compiled_bf16_model_runs_the_kernel_in_bf16_and_matches_eager(monkeypatch):
     from vitlab.precision import matmuls_in
 
     torch.manual_seed(0)
     model = ViT(ViTConfig(depth=1))
     images = torch.randn(4, 1, 28, 28)
     compiled = torch.compile(model)
-    dtypes = []
-    real = kernels._forward
-    with pytest.MonkeyPatch.context() as patch, torch.no_grad(), matmuls_in(model, "bf16"):
-        patch.setattr(kernels, "_forward", lambda qkv, *args: dtypes.append(qkv.dtype) or real(qkv, *args))
+    dtypes = spy_on_forward(monkeypatch)
+    with torch.no_grad(), matmuls_in(model, "bf16"):
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-3, atol=1e-3)
     assert dtypes == [torch.bfloat16, torch.bfloat16]  # the compiled graph's call, then eager's

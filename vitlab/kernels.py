@@ -1,14 +1,16 @@
-"""vitlab's own CPU kernel for the fused attention path at short token counts.
+"""vitlab's own CPU kernels for attention at short token counts.
 
 At the token counts of small images (17 for MNIST with 7-pixel patches) neither attention in PyTorch
 runs near the machine's speed: ``F.scaled_dot_product_attention`` is tuned for long sequences, and
 the explicit path spends most of its time on copies that put the heads first and back, and on
-17-wide softmax rows. ``csrc/small_attention.cpp`` does the whole of it, forward and backward, one
-(image, head) pair at a time, reading q, k and v straight out of the q/k/v projection and writing the
-merged heads straight out. It is compiled for one token count and head size on first use (a C++
-compiler with OpenMP, such as g++, is needed; about a second), cached on disk, and loaded with ctypes.
-Where it cannot be built, or where ``VITLAB_KERNELS=0``, ``available`` says False and the fused path
-uses ``F.scaled_dot_product_attention`` as before.
+17-wide softmax rows. ``csrc/small_attention.cpp`` does the whole of the fused path, forward and
+backward, 16 images and one head at a time (one image per vector lane), reading q, k and v straight
+out of the q/k/v projection and writing the merged heads straight out (``small_attention``). The same
+source gives the explicit path its pieces without autograd: ``head_scores``, ``row_softmax`` and
+``head_weighted_sum``. It is compiled for one token count and head size on first use (a C++ compiler
+with OpenMP, such as g++, is needed; about a second), cached on disk, and loaded with ctypes. Where
+it cannot be built, or where ``VITLAB_KERNELS=0``, ``available`` says False and both paths run on
+PyTorch's ops as before.
 
 Legend: B batch, N tokens, h heads, d head dim, D = h*d.
 """
