@@ -33,6 +33,8 @@ def test_time_steps_leaves_weights_gradients_mode_and_generators_as_they_were():
     time_steps(model, model, probe(), clip_grad=1.0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(storages)) == len(storages)  # the probe's optimizer let go of the parameters
     assert not model.training
     assert torch.equal(torch.get_rng_state(), rng)
 

@@ -29,6 +29,8 @@ def test_a_short_fit_lowers_the_loss_and_beats_chance():
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert [row["step"] for row in rows] == [16, 32, 48]
     assert not model.training  # fit leaves the model ready for inference
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(storages)) == len(storages)  # no longer views into the optimizer's buffers
 
 
 def test_the_same_seed_gives_the_same_history_and_another_seed_does_not():

@@ -19,7 +19,7 @@ from torch import nn
 
 from .batches import make_batches
 from .devices import device_of
-from .optim import adamw, param_groups
+from .optim import adamw, param_groups, release
 from .precision import matmuls_in
 from .step import train_step
 
@@ -83,6 +83,7 @@ def time_steps(
                 _sync(device)
                 eval_per_image = (time.perf_counter() - start) / len(labels)
     finally:  # also when a step fails (a non-finite loss): the model is left as it came
+        release(optimizer)
         model.load_state_dict(weights)
         model.zero_grad(set_to_none=True)
         model.train(was_training)

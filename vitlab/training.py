@@ -27,7 +27,7 @@ from .budget import plan_steps, probe_batches, time_steps
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .devices import device_of
 from .history import History
-from .optim import make_optimizer
+from .optim import make_optimizer, release
 from .precision import check_precision, matmuls_in
 from .step import train_step
 
@@ -380,6 +380,7 @@ def fit(
                 callback(history)
     finally:
         bar.close()
+        release(optimizer)  # the parameters stop sharing the optimizer's buffers
         model.eval()
     if kept is not model:
         model.load_state_dict(kept.state_dict())
