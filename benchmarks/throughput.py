@@ -5,12 +5,14 @@ depth 6, heads 4, mlp 128, 10 classes) and the same batch. Models are timed roun
 short bursts, so machine noise hits all of them alike, and each figure is the best burst.
 Every figure is printed as a ratio to vitlab's eager training or inference speed, beside FLOPs
 per image (torch.utils.flop_counter) and achieved GFLOP/s against a matmul peak measured in
-the same run. Every model trains with the same optimizer, PyTorch's fused AdamW (what
-``vitlab.optim.make_optimizer`` uses), so the comparison is of the models' forward and backward
-passes. "vitlab (compiled)" is ``fit(compile=True)``'s path: ``torch.compile(model)``; its
-compilation happens in the warm-up, before the clock starts. "vitlab (compiled, bf16)" is
-``fit(compile=True, precision="bf16")``'s: the blocks' Linear products in bf16 (``vitlab.precision``),
-timed only where the CPU multiplies bf16 natively; its GFLOP/s count the same FLOPs, and its share of the
+the same run. The peers train with PyTorch's fused AdamW; vitlab's rows with ``vitlab.FlatAdamW``
+(what ``vitlab.optim.make_optimizer`` builds: the same update, once per parameter group instead of
+once per tensor), and "vitlab (torch AdamW)" is vitlab eager with the peers' optimizer, the models'
+forward and backward passes alone compared. "vitlab (compiled)" is ``fit(compile=True)``'s path:
+``torch.compile(model)``; its compilation happens in the warm-up, before the clock starts.
+"vitlab (compiled, bf16)" is ``fit(compile=True, precision="bf16")``'s: the blocks' Linear products
+in bf16 (``vitlab.precision``), set once for all its steps as ``fit`` sets it for an epoch, timed
+only where the CPU multiplies bf16 natively; its GFLOP/s count the same FLOPs, and its share of the
 peak is given against the fp32 peak, with the bf16 matmul peak printed beside it.
 
     python benchmarks/throughput.py                 # 2 threads, batch 128
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import ExitStack
 from typing import Callable
 
 import torch
@@ -29,9 +32,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitlab
+from vitlab.flat_adamw import FlatAdamW
 from vitlab.precision import matmuls_in, native_bf16
 
 IMAGE, PATCH, CHANNELS, CLASSES, DIM, DEPTH, HEADS, MLP = 28, 7, 1, 10, 64, 6, 4, 128
+TORCH_ADAMW = "vitlab (torch AdamW)"  # vitlab eager with the peers' optimizer: the models alone compared
 
 
 def build_vitlab() -> nn.Module:
@@ -74,16 +79,24 @@ class Recorded(nn.Module):
 
 
 def train_step_fn(
-    model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, compile: bool = False, precision: str = "fp32"
+    model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, compile: bool = False, precision: str = "fp32",
+    flat: bool = False, stack: ExitStack | None = None,
 ) -> Callable:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+    """One training step of ``model`` as a function. ``flat``: vitlab's ``FlatAdamW`` (what
+    ``make_optimizer`` builds), else PyTorch's fused AdamW; the same update, on one parameter group.
+    ``precision`` holds from here until ``stack`` closes, as ``fit`` sets it once for all the steps
+    of an epoch."""
+    settings = dict(lr=1e-3, weight_decay=0.05)
+    optimizer = FlatAdamW(model.parameters(), **settings) if flat else torch.optim.AdamW(
+        model.parameters(), **settings, fused=True)
     model.train()
     forward = torch.compile(model) if compile else model
+    if precision != "fp32":
+        stack.enter_context(matmuls_in(model, precision))
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with matmuls_in(model, precision):
-            F.cross_entropy(forward(batch), labels).backward()
+        F.cross_entropy(forward(batch), labels).backward()
         optimizer.step()
 
     return step
@@ -163,17 +176,22 @@ def main(argv: list[str] | None = None) -> None:
     flops = {name: flops_per_image(m, batch, labels, train=True) for name, m in models.items()}
     infer_flops = {name: flops_per_image(m, batch, labels, train=False) for name, m in models.items()}
 
-    train_steps = {name: train_step_fn(m, batch, labels) for name, m in models.items()}
+    train_steps = {name: train_step_fn(m, batch, labels, flat=name == "vitlab") for name, m in models.items()}
+    train_steps[TORCH_ADAMW] = train_step_fn(build_vitlab(), batch, labels)
+    flops[TORCH_ADAMW], params[TORCH_ADAMW] = flops["vitlab"], params["vitlab"]
     own = {"vitlab (compiled)": "fp32"} | ({"vitlab (compiled, bf16)": "bf16"} if native_bf16() else {})
+    stack = ExitStack()
     for name, precision in ({} if args.no_compile else own).items():
-        train_steps[name] = train_step_fn(build_vitlab(), batch, labels, compile=True, precision=precision)
+        train_steps[name] = train_step_fn(build_vitlab(), batch, labels, compile=True, precision=precision, flat=True,
+                                          stack=stack)
         flops[name], params[name] = flops["vitlab"], params["vitlab"]
     infer_steps = {name: infer_fn(m, batch) for name, m in models.items()}
     infer_steps["vitlab (recording)"] = infer_fn(Recorded(models["vitlab"]), batch)
     infer_flops["vitlab (recording)"] = infer_flops["vitlab"]
 
     peak = matmul_peak()
-    train = round_robin(train_steps, args.rounds, args.burst, args.batch)
+    with stack:
+        train = round_robin(train_steps, args.rounds, args.burst, args.batch)
     infer_rounds = args.infer_rounds or 3 * args.rounds
     infer = round_robin(infer_steps, infer_rounds, args.burst, args.batch)
     peak = max(peak, matmul_peak())
@@ -181,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"threads {args.threads}, batch {args.batch}, torch {torch.__version__}; "
           f"fp32 matmul peak {peak:.0f} GFLOP/s{bf16_peak}")
-    print(f"\ntraining step (forward, backward, fused AdamW), best of {args.rounds} bursts of {args.burst}")
+    print(f"\ntraining step (forward, backward, AdamW), best of {args.rounds} bursts of {args.burst}")
     print(f"{'model':<24} {'params':>8} {'img/s':>8} {'x vitlab':>9} {'MFLOP/img':>10} {'GFLOP/s':>8} {'% peak':>7}")
     for name, ips in sorted(train.items(), key=lambda kv: -kv[1]):
         gflops = ips * flops[name] / 1e9

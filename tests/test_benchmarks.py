@@ -159,9 +159,10 @@ def test_throughput_runs_end_to_end(throughput, capsys):
     throughput.main(["--threads", "1", "--rounds", "1", "--burst", "1", "--batch", "8", "--no-compile"])
     out = capsys.readouterr().out
     assert re.search(r"fp32 matmul peak \d+ GFLOP/s", out)
-    for name in ("vitlab", "timm", "torchvision", "vit-pytorch", "vitlab (recording)"):
+    for name in ("vitlab", "vitlab (torch AdamW)", "timm", "torchvision", "vit-pytorch", "vitlab (recording)"):
         assert re.search(rf"^{re.escape(name)} +[\d,]+ ", out, re.MULTILINE), name
-    assert re.search(r"fastest eager peer: \S+; vitlab eager \d+\.\d\dx; recording costs", out)
+    assert re.search(r"fastest eager peer: \S+; vitlab eager \d+\.\d\dx, vitlab \(torch AdamW\) \d+\.\d\dx; "
+                     r"recording costs", out)
 
 
 # --- attention_crossover.py --------------------------------------------------------------------------
