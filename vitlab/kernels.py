@@ -217,10 +217,13 @@ def _setup_context(ctx, inputs, output):
     qkv, heads, scale = inputs
     ctx.save_for_backward(qkv, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros for the probabilities' gradient, which is never used
     ctx.heads, ctx.scale = heads, scale
 
 
 def _grad(ctx, grad_out, grad_probs):
+    if grad_out is None:
+        return None, None, None
     qkv, probs = ctx.saved_tensors
     return _small_attention_backward_op(qkv, probs, grad_out, ctx.heads, ctx.scale), None, None
 
