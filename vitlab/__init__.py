@@ -15,8 +15,8 @@ from .toy import AttnGANWordAttention, SAGANSelfAttention
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attention", "AttnGANWordAttention", "Block", "ClsToken", "DropPath", "FlatAdamW", "MLP", "PatchEmbed", "PositionEmbedding",
-    "Recording", "SAGANSelfAttention", "ViT", "ViTConfig", "attention_rollout", "local_window_mask",
-    "mean_attention_distance", "patchify", "position_embedding_similarity", "record", "resample_pos_embed",
-    "sincos_2d", "unpatchify",
+    "Attention", "AttnGANWordAttention", "Block", "ClsToken", "DropPath", "FlatAdamW", "MLP", "PatchEmbed",
+    "PositionEmbedding", "Recording", "SAGANSelfAttention", "ViT", "ViTConfig", "attention_rollout",
+    "local_window_mask", "mean_attention_distance", "patchify", "position_embedding_similarity", "record",
+    "resample_pos_embed", "sincos_2d", "unpatchify",
 ]

@@ -18,8 +18,9 @@ What stays as ``torch.optim.AdamW`` has it:
   built afresh from the parameters as they are now.
 
 The cost: while the buffers exist, the parameters share storage, so a single parameter saved on
-its own carries the whole buffer, and ``safetensors`` refuses a state dict of them. ``unflatten()``
-gives every parameter and moment its own storage again (``fit`` calls it when training ends).
+its own with ``torch.save`` carries the whole buffer (825 KB for the MNIST model's 10-float head
+bias). ``unflatten()`` gives every parameter and moment its own storage again (``fit`` calls it when
+training ends).
 """
 
 from __future__ import annotations
