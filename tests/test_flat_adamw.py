@@ -10,13 +10,14 @@ from vitlab.flat_adamw import FlatAdamW
 from vitlab.optim import param_groups
 
 
-def pair(lr=1e-2, weight_decay=0.05):
-    """(model, FlatAdamW), (an identical model, fused torch AdamW), both on the decay/no-decay groups."""
+def pair(lr=1e-2, weight_decay=0.05, **options):
+    """(model, FlatAdamW), (an identical model, fused torch AdamW), both on the decay/no-decay groups
+    and with the same ``options`` (amsgrad, ...)."""
     torch.manual_seed(0)
     model, twin = tiny_vit(), tiny_vit()
     twin.load_state_dict(model.state_dict())
-    flat = FlatAdamW(param_groups(model, weight_decay), lr=lr)
-    plain = torch.optim.AdamW(param_groups(twin, weight_decay), lr=lr, fused=True)
+    flat = FlatAdamW(param_groups(model, weight_decay), lr=lr, **options)
+    plain = torch.optim.AdamW(param_groups(twin, weight_decay), lr=lr, fused=True, **options)
     return (model, flat), (twin, plain)
 
 
@@ -171,11 +172,7 @@ def test_a_compiled_model_sees_the_flat_updates():
 
 
 def test_amsgrad_groups_go_tensor_by_tensor_and_match_adamw():
-    torch.manual_seed(0)
-    model, twin = tiny_vit(), tiny_vit()
-    twin.load_state_dict(model.state_dict())
-    flat = FlatAdamW(model.parameters(), lr=1e-2, amsgrad=True)
-    plain = torch.optim.AdamW(twin.parameters(), lr=1e-2, amsgrad=True, fused=True)
+    (model, flat), (twin, plain) = pair(amsgrad=True)
     train(model, flat, 3)
     train(twin, plain, 3)
     assert_same(model, twin)

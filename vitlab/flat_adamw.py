@@ -92,12 +92,12 @@ class FlatAdamW(torch.optim.AdamW):
         first = params[0]
         n = sum(p.numel() for p in params)
         like = dict(dtype=first.dtype, device=first.device)
-        param, exp_avg, exp_avg_sq = torch.empty(n, **like), torch.zeros(n, **like), torch.zeros(n, **like)
+        param, grad = torch.empty(n, **like), torch.empty(n, **like)
+        exp_avg, exp_avg_sq = torch.zeros(n, **like), torch.zeros(n, **like)
         steps = torch.zeros(len(params), dtype=torch.float32, device=first.device)
-        offset = 0
+        grad_views, offset = [], 0
         for i, (p, state) in enumerate(zip(params, states)):
-            k = p.numel()
-            view = slice(offset, offset + k)
+            view = slice(offset, offset + p.numel())
             param[view].copy_(p.reshape(-1))
             if state:
                 exp_avg[view].copy_(state["exp_avg"].reshape(-1))
@@ -106,10 +106,7 @@ class FlatAdamW(torch.optim.AdamW):
             p.data = param[view].view_as(p)
             self.state[p] = {"step": steps[i], "exp_avg": exp_avg[view].view_as(p),
                              "exp_avg_sq": exp_avg_sq[view].view_as(p)}
-            offset += k
-        grad, offset, grad_views = torch.empty_like(param), 0, []
-        for p in params:
-            grad_views.append(grad[offset:offset + p.numel()].view_as(p))
+            grad_views.append(grad[view].view_as(p))
             offset += p.numel()
         return _Buffers(list(params), [p.data_ptr() for p in params], param, grad, grad_views, exp_avg, exp_avg_sq,
                         steps, steps[0])
