@@ -182,14 +182,14 @@ def test_attention_crossover_runs_end_to_end(capsys):
 def test_attention_kernels_runs_every_way_end_to_end_and_leaves_the_switch_as_it_was(capsys, monkeypatch):
     import os
 
-    from vitlab import kernels
+    from vitlab import build
 
     monkeypatch.delenv("VITLAB_KERNELS", raising=False)
     load("attention_kernels").main(["--threads", "1", "--batch", "4", "--rounds", "1", "--burst", "1"])
     out = capsys.readouterr().out
     assert "VITLAB_KERNELS" not in os.environ
     ways = ["fused, vitlab kernel", "fused, SDPA", "explicit, vitlab kernels", "explicit, PyTorch ops"]
-    if kernels._compiler() is not None:
+    if build.compiler() is not None:
         ways.append("kernels.row_softmax")
     for way in ways + ["torch.softmax"]:
         assert re.search(rf"^{re.escape(way)} +\d+\.\d +\d+\.\d\d$", out, re.MULTILINE), way

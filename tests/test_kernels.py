@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import vitlab
-from vitlab import Attention, ViT, ViTConfig, kernels
+from vitlab import Attention, ViT, ViTConfig, build, kernels
 
-pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler to build the kernel with")
+pytestmark = pytest.mark.skipif(build.compiler() is None, reason="no C++ compiler to build the kernel with")
 
 
 def spy_on_forward(monkeypatch) -> list:
@@ -115,7 +115,7 @@ def test_disabled_or_unbuildable_kernel_falls_back(monkeypatch):
     assert not kernels.available(17, 16)
     assert ViTConfig().fused_attention is False  # explicit, as without the kernel
     monkeypatch.delenv("VITLAB_KERNELS")
-    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
     monkeypatch.setattr(kernels, "_libraries", {})
     monkeypatch.setattr(kernels, "errors", {})
     assert not kernels.available(17, 16)

@@ -8,9 +8,9 @@ backward, 16 images and one head at a time (one image per vector lane), reading 
 out of the q/k/v projection and writing the merged heads straight out (``small_attention``). The same
 source gives the explicit path its pieces without autograd: ``head_scores``, ``row_softmax`` and
 ``head_weighted_sum``. It is compiled for one token count and head size on first use (a C++ compiler
-with OpenMP, such as g++, is needed; about a second), cached on disk, and loaded with ctypes. Where
-it cannot be built, or where ``VITLAB_KERNELS=0``, ``available`` says False and both paths run on
-PyTorch's ops as before.
+with OpenMP, such as g++, is needed; about a second), cached on disk (``vitlab.build``), and loaded
+with ctypes. Where it cannot be built, or where ``VITLAB_KERNELS=0``, ``available`` says False and both
+paths run on PyTorch's ops as before.
 
 Legend: B batch, N tokens, h heads, d head dim, D = h*d.
 """
@@ -18,18 +18,16 @@ Legend: B batch, N tokens, h heads, d head dim, D = h*d.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
+
+from . import build
 
 log = logging.getLogger(__name__)
 
@@ -54,68 +52,21 @@ def supports(tokens: int, head_dim: int) -> bool:
     return 1 <= tokens <= MAX_TOKENS and head_dim in HEAD_DIMS
 
 
-def cache_dir() -> Path:
-    """Where built kernels are kept: $VITLAB_CACHE_DIR, else $XDG_CACHE_HOME/vitlab, else ~/.cache/vitlab."""
-    if os.environ.get("VITLAB_CACHE_DIR"):
-        return Path(os.environ["VITLAB_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitlab"
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-
-
-def _cpu_key() -> str:
-    """What -march=native compiles for: the CPU's flags where Linux lists them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
 def _build(tokens: int, head_dim: int) -> ctypes.CDLL:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     defines = (f"-DTOKENS={tokens}", f"-DHEAD_DIM={head_dim}")
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, *FLAGS, *defines, _cpu_key(), platform.machine()]).encode()
-    ).hexdigest()[:16]
-    user = getattr(os, "getuid", lambda: "user")()
-    for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"vitlab-kernels-{user}"):
-        target = folder / f"small_attention_n{tokens}_d{head_dim}_{key}.so"
-        if not target.exists():
-            # Built under a temporary name and renamed into place: a reader never sees half a file.
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
-            except OSError:  # a folder that cannot be written to: the next one
-                continue
-            os.close(fd)
-            try:
-                run = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", partial],
-                                     capture_output=True, text=True)
-                if run.returncode:
-                    raise RuntimeError(f"{compiler} failed to build {SOURCE.name}:\n{run.stderr.strip()}")
-                os.replace(partial, target)
-            finally:
-                if os.path.exists(partial):
-                    os.unlink(partial)
-        lib = ctypes.CDLL(str(target))
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        lib.attn_forward.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
-        lib.attn_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
-        lib.attn_forward_bf16.argtypes = lib.attn_forward.argtypes
-        lib.attn_backward_bf16.argtypes = lib.attn_backward.argtypes
-        lib.softmax_rows.argtypes = [pointer, pointer, size, ctypes.c_int]
-        lib.head_scores.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
-        lib.head_weighted_sum.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_int]
-        for function in (lib.attn_forward, lib.attn_backward, lib.attn_forward_bf16, lib.attn_backward_bf16,
-                         lib.softmax_rows, lib.head_scores, lib.head_weighted_sum):
-            function.restype = None
-        return lib
-    raise RuntimeError(f"no writable folder for the built kernel (tried {cache_dir() / 'kernels'} and the temp dir)")
+    lib = ctypes.CDLL(str(build.shared_library(SOURCE, f"small_attention_n{tokens}_d{head_dim}", FLAGS + defines)))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.attn_forward.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
+    lib.attn_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
+    lib.attn_forward_bf16.argtypes = lib.attn_forward.argtypes
+    lib.attn_backward_bf16.argtypes = lib.attn_backward.argtypes
+    lib.softmax_rows.argtypes = [pointer, pointer, size, ctypes.c_int]
+    lib.head_scores.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, ctypes.c_float, ctypes.c_int]
+    lib.head_weighted_sum.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_int]
+    for function in (lib.attn_forward, lib.attn_backward, lib.attn_forward_bf16, lib.attn_backward_bf16,
+                     lib.softmax_rows, lib.head_scores, lib.head_weighted_sum):
+        function.restype = None
+    return lib
 
 
 def _library(tokens: int, head_dim: int) -> ctypes.CDLL | None:
