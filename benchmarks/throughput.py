@@ -10,6 +10,10 @@ the same run. The peers train with PyTorch's fused AdamW; vitlab's rows with ``v
 once per tensor), and "vitlab (torch AdamW)" is vitlab eager with the peers' optimizer, the models'
 forward and backward passes alone compared. "vitlab (compiled)" is ``fit(compile=True)``'s path:
 ``torch.compile(model)``; its compilation happens in the warm-up, before the clock starts.
+"vitlab (reused memory)" is ``fit()``'s eager path: vitlab eager with its CPU tensors from the
+reusing allocator that ``fit`` trains inside (``vitlab.memory``); the compiled rows use it too, as
+``fit`` does. Each of these steps opens a ``reusing(keep=True)`` scope, so the peers' steps in between
+run on PyTorch's own allocator.
 "vitlab (compiled, bf16)" is ``fit(compile=True, precision="bf16")``'s: the blocks' Linear products
 in bf16 (``vitlab.precision``), set once for all its steps as ``fit`` sets it for an epoch, timed
 only where the CPU multiplies bf16 natively; its GFLOP/s count the same FLOPs, and its share of the
@@ -32,11 +36,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitlab
+from vitlab import memory
 from vitlab.flat_adamw import FlatAdamW
 from vitlab.precision import matmuls_in, native_bf16
 
 IMAGE, PATCH, CHANNELS, CLASSES, DIM, DEPTH, HEADS, MLP = 28, 7, 1, 10, 64, 6, 4, 128
 TORCH_ADAMW = "vitlab (torch AdamW)"  # vitlab eager with the peers' optimizer: the models alone compared
+REUSED = "vitlab (reused memory)"  # fit's eager path: vitlab eager inside vitlab.memory.reusing()
 
 
 def build_vitlab() -> nn.Module:
@@ -80,12 +86,13 @@ class Recorded(nn.Module):
 
 def train_step_fn(
     model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, compile: bool = False, precision: str = "fp32",
-    flat: bool = False, stack: ExitStack | None = None,
+    flat: bool = False, stack: ExitStack | None = None, reuse: bool = False,
 ) -> Callable:
     """One training step of ``model`` as a function. ``flat``: vitlab's ``FlatAdamW`` (what
     ``make_optimizer`` builds), else PyTorch's fused AdamW; the same update, on one parameter group.
     ``precision`` holds from here until ``stack`` closes, as ``fit`` sets it once for all the steps
-    of an epoch."""
+    of an epoch. ``reuse``: each step runs inside ``vitlab.memory.reusing(keep=True)``, with the blocks
+    that the step before freed, as every step of ``fit`` after its first does."""
     settings = dict(lr=1e-3, weight_decay=0.05)
     optimizer = FlatAdamW(model.parameters(), **settings) if flat else torch.optim.AdamW(
         model.parameters(), **settings, fused=True)
@@ -99,7 +106,11 @@ def train_step_fn(
         F.cross_entropy(forward(batch), labels).backward()
         optimizer.step()
 
-    return step
+    def reused_step():
+        with memory.reusing(keep=True):
+            step()
+
+    return reused_step if reuse else step
 
 
 def infer_fn(model: nn.Module, batch: torch.Tensor, compile: bool = False) -> Callable:
@@ -178,12 +189,14 @@ def main(argv: list[str] | None = None) -> None:
 
     train_steps = {name: train_step_fn(m, batch, labels, flat=name == "vitlab") for name, m in models.items()}
     train_steps[TORCH_ADAMW] = train_step_fn(build_vitlab(), batch, labels)
-    flops[TORCH_ADAMW], params[TORCH_ADAMW] = flops["vitlab"], params["vitlab"]
+    train_steps[REUSED] = train_step_fn(build_vitlab(), batch, labels, flat=True, reuse=True)
+    for name in (TORCH_ADAMW, REUSED):
+        flops[name], params[name] = flops["vitlab"], params["vitlab"]
     own = {"vitlab (compiled)": "fp32"} | ({"vitlab (compiled, bf16)": "bf16"} if native_bf16() else {})
     stack = ExitStack()
     for name, precision in ({} if args.no_compile else own).items():
         train_steps[name] = train_step_fn(build_vitlab(), batch, labels, compile=True, precision=precision, flat=True,
-                                          stack=stack)
+                                          stack=stack, reuse=True)
         flops[name], params[name] = flops["vitlab"], params["vitlab"]
     infer_steps = {name: infer_fn(m, batch) for name, m in models.items()}
     infer_steps["vitlab (recording)"] = infer_fn(Recorded(models["vitlab"]), batch)
@@ -192,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_peak()
     with stack:
         train = round_robin(train_steps, args.rounds, args.burst, args.batch)
+    memory.clear()  # the blocks the reused-memory steps kept
     infer_rounds = args.infer_rounds or 3 * args.rounds
     infer = round_robin(infer_steps, infer_rounds, args.burst, args.batch)
     peak = max(peak, matmul_peak())

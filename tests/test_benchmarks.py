@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitlab import ViTConfig
+from vitlab import ViTConfig, memory
 from vitlab.precision import native_bf16
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -159,10 +159,12 @@ def test_throughput_runs_end_to_end(throughput, capsys):
     throughput.main(["--threads", "1", "--rounds", "1", "--burst", "1", "--batch", "8", "--no-compile"])
     out = capsys.readouterr().out
     assert re.search(r"fp32 matmul peak \d+ GFLOP/s", out)
-    for name in ("vitlab", "vitlab (torch AdamW)", "timm", "torchvision", "vit-pytorch", "vitlab (recording)"):
+    for name in ("vitlab", "vitlab (torch AdamW)", "vitlab (reused memory)", "timm", "torchvision", "vit-pytorch",
+                 "vitlab (recording)"):
         assert re.search(rf"^{re.escape(name)} +[\d,]+ ", out, re.MULTILINE), name
-    assert re.search(r"fastest eager peer: \S+; vitlab eager \d+\.\d\dx, vitlab \(torch AdamW\) \d+\.\d\dx; "
-                     r"recording costs", out)
+    assert re.search(r"fastest eager peer: \S+; vitlab eager \d+\.\d\dx, vitlab \(torch AdamW\) \d+\.\d\dx, "
+                     r"vitlab \(reused memory\) \d+\.\d\dx; recording costs", out)
+    assert memory.kept_bytes() == 0  # the benchmark hands back what its reused-memory steps kept
 
 
 # --- attention_crossover.py --------------------------------------------------------------------------

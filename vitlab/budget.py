@@ -19,6 +19,7 @@ from torch import nn
 
 from .batches import make_batches
 from .devices import device_of
+from .memory import reusing
 from .optim import adamw, param_groups, release
 from .precision import matmuls_in
 from .step import train_step
@@ -55,7 +56,8 @@ def time_steps(
     """-> (seconds per training step, seconds per validation image), leaving no trace on the model.
 
     The step timed is ``step.train_step``, the one training runs, in whatever precision the caller set
-    (``precision.matmuls_in``); the validation forward is timed in float32, as validation runs.
+    (``precision.matmuls_in``) and with memory reused as ``fit`` reuses it (``vitlab.memory``); the
+    validation forward is timed in float32, as validation runs.
     Each timed step takes the first batch of ``batches`` afresh, so batching and augmentation count.
     The weights are restored, the gradients cleared and the random generators reset afterwards (also
     when a step raises), so the run that follows is the one it would have been without the measurement.
@@ -65,7 +67,7 @@ def time_steps(
     optimizer = adamw(param_groups(model, 0.05), lr=1e-6)  # the real update's cost, thrown away after
     was_training = model.training
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), reusing():
             model.train()
             times = []
             for _ in range(1 + TIMING_STEPS):

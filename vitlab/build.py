@@ -39,15 +39,19 @@ def cpu_key() -> str:
         return platform.processor()
 
 
-def shared_library(source: Path, stem: str, flags: tuple[str, ...], key: str = "") -> Path:
+def shared_library(
+    source: Path, stem: str, flags: tuple[str, ...], key: str = "", libraries: tuple[str, ...] = ()
+) -> Path:
     """-> the path of ``source`` compiled with ``flags`` (which must make a shared library), built if it is
-    not in the cache yet. ``stem`` starts the file's name; ``key`` is whatever else decides the code (a
-    library's version, say). Raises RuntimeError naming the compiler's complaint where the build fails."""
+    not in the cache yet. ``libraries`` (-l options) follow the source on the command line, where linkers
+    that drop unneeded libraries want them. ``stem`` starts the file's name; ``key`` is whatever else
+    decides the code (a library's version, say). Raises RuntimeError naming the compiler's complaint where
+    the build fails."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     digest = hashlib.sha256(
-        "\0".join([source.read_text(), cxx, *flags, key, cpu_key(), platform.machine()]).encode()
+        "\0".join([source.read_text(), cxx, *flags, *libraries, key, cpu_key(), platform.machine()]).encode()
     ).hexdigest()[:16]
     user = getattr(os, "getuid", lambda: "user")()
     for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"vitlab-kernels-{user}"):
@@ -62,7 +66,7 @@ def shared_library(source: Path, stem: str, flags: tuple[str, ...], key: str = "
             continue
         os.close(fd)
         try:
-            run = subprocess.run([cxx, *flags, str(source), "-o", partial], capture_output=True, text=True)
+            run = subprocess.run([cxx, *flags, str(source), *libraries, "-o", partial], capture_output=True, text=True)
             if run.returncode:
                 raise RuntimeError(f"{cxx} failed to build {source.name}:\n{run.stderr.strip()}")
             os.replace(partial, target)

@@ -27,6 +27,7 @@ from .budget import plan_steps, probe_batches, time_steps
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .devices import device_of
 from .history import History
+from .memory import reusing
 from .optim import make_optimizer, release
 from .precision import check_precision, matmuls_in
 from .step import train_step
@@ -264,8 +265,9 @@ def fit(
     compilation takes tens of seconds on a CPU; PyTorch caches it on disk, so later runs of the same
     model start in seconds and then step faster (see benchmarks/RESULTS.md). ``precision="bf16"`` runs the
     blocks' Linear products of the training steps in bf16 (``vitlab.precision``; faster only where
-    ``precision.native_bf16`` holds); weights, everything else and evaluation stay float32. A non-finite
-    loss raises ``FloatingPointError`` naming the epoch and step.
+    ``precision.native_bf16`` holds); weights, everything else and evaluation stay float32. CPU tensors are
+    allocated by ``vitlab.memory``'s reusing allocator until fit returns. A non-finite loss raises
+    ``FloatingPointError`` naming the epoch and step.
     """
     arguments = locals()  # fit's arguments, before any other name is bound
     if epochs is None and time_budget is None:
@@ -346,42 +348,43 @@ def fit(
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
 
-    try:
-        while step < total and time.perf_counter() < deadline:
-            epoch += 1
-            batches = _until(islice(train_batches, total - step), deadline)
-            with matmuls_in(model, precision):  # the training steps only: validation is float32
-                result = train_one_epoch(model, batches, optimizer, scheduler, label_smoothing=label_smoothing,
-                                         clip_grad=clip_grad, epoch=epoch, first_step=step, forward=forward,
-                                         on_step=on_step)
-            step += result["steps"]
-            row = {"epoch": epoch, "step": step, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
-                   "n_train": result["n"]}
-            if val is not None:
-                scores = evaluate(kept, val, eval_batch_size)
-                row.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
-                postfix["val_acc"] = f"{scores['accuracy']:.2%}"
-            row.update(lr=history.steps[-1]["lr"], time=elapsed())
-            history.epochs.append(row)
-            improved = val is not None and row["val_accuracy"] > best_accuracy
-            best_accuracy = max(best_accuracy, row.get("val_accuracy", -math.inf))
-            if checkpoint_dir is not None:
-                fit_state = {"epoch": epoch, "step": step, "time": row["time"], "total_steps": total,
-                             "generator": generator.get_state(), "aug_generator": aug_generator.get_state(),
-                             "recipe": recipe}
-                if average is not None:  # the file's model is the average; the raw weights are needed to resume
-                    fit_state.update(train_weights=model.state_dict(), ema_updates=average.updates)
-                parts = dict(model=kept, optimizer=optimizer, scheduler=scheduler, history=history,
-                             data_source=data_source, extra={"fit": fit_state})
-                save_checkpoint(Path(checkpoint_dir) / "last.pt", **parts)
-                if improved:
-                    save_checkpoint(Path(checkpoint_dir) / "best.pt", **parts)
-            if callback is not None:
-                callback(history)
-    finally:
-        bar.close()
-        release(optimizer)  # the parameters stop sharing the optimizer's buffers
-        model.eval()
+    with reusing():  # each step reuses the buffers the one before freed (vitlab.memory)
+        try:
+            while step < total and time.perf_counter() < deadline:
+                epoch += 1
+                batches = _until(islice(train_batches, total - step), deadline)
+                with matmuls_in(model, precision):  # the training steps only: validation is float32
+                    result = train_one_epoch(model, batches, optimizer, scheduler, label_smoothing=label_smoothing,
+                                             clip_grad=clip_grad, epoch=epoch, first_step=step, forward=forward,
+                                             on_step=on_step)
+                step += result["steps"]
+                row = {"epoch": epoch, "step": step, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
+                       "n_train": result["n"]}
+                if val is not None:
+                    scores = evaluate(kept, val, eval_batch_size)
+                    row.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
+                    postfix["val_acc"] = f"{scores['accuracy']:.2%}"
+                row.update(lr=history.steps[-1]["lr"], time=elapsed())
+                history.epochs.append(row)
+                improved = val is not None and row["val_accuracy"] > best_accuracy
+                best_accuracy = max(best_accuracy, row.get("val_accuracy", -math.inf))
+                if checkpoint_dir is not None:
+                    fit_state = {"epoch": epoch, "step": step, "time": row["time"], "total_steps": total,
+                                 "generator": generator.get_state(), "aug_generator": aug_generator.get_state(),
+                                 "recipe": recipe}
+                    if average is not None:  # the file's model is the average; the raw weights are needed to resume
+                        fit_state.update(train_weights=model.state_dict(), ema_updates=average.updates)
+                    parts = dict(model=kept, optimizer=optimizer, scheduler=scheduler, history=history,
+                                 data_source=data_source, extra={"fit": fit_state})
+                    save_checkpoint(Path(checkpoint_dir) / "last.pt", **parts)
+                    if improved:
+                        save_checkpoint(Path(checkpoint_dir) / "best.pt", **parts)
+                if callback is not None:
+                    callback(history)
+        finally:
+            bar.close()
+            release(optimizer)  # the parameters stop sharing the optimizer's buffers
+            model.eval()
     if kept is not model:
         model.load_state_dict(kept.state_dict())
     return history
