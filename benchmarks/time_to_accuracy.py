@@ -10,8 +10,8 @@ Two recipes, trained for each seed on all 5,000 images of ``load_mnist(source="m
   ``python -m vitlab.train --depth 4 --lr 5e-3 --pool mean --elastic 1.0 --compile [--precision bf16]
   --time-budget T`` (which plans its cosine once, at the start,
   where this benchmark re-plans it every epoch). It is built from the
-  pieces ``fit`` uses (``make_batches``, ``make_optimizer``, ``train_one_epoch``, ``EMA``) and trains through
-  ``torch.compile`` as ``fit(compile=True)`` does; the model is compiled once before any clock starts, so
+  pieces ``fit`` uses (``make_batches``, ``make_optimizer``, ``train_one_epoch``, ``EMA``, ``memory.reusing``) and
+  trains through ``torch.compile`` as ``fit(compile=True)`` does; the model is compiled once before any clock starts, so
   that each run's own compilation (on its clock) loads PyTorch's on-disk cache, as every run after the
   first on a machine does. ``--set`` changes any of it (``--set depth=6 lr=2e-3 pool=cls elastic=0.0
   compile=False precision=fp32``: ``fit``'s defaults as they are).
@@ -58,6 +58,7 @@ from vitlab import ViT, ViTConfig
 from vitlab.batches import make_batches
 from vitlab.budget import plan_steps, probe_batches, time_steps
 from vitlab.data import DigitDataset, load_mnist, read_mnist_idx
+from vitlab.memory import reusing
 from vitlab.optim import make_optimizer
 from vitlab.precision import matmuls_in, native_bf16
 from vitlab.training import EMA, RECIPE_KEYS, evaluate, fit, seed_everything, train_one_epoch
@@ -161,15 +162,16 @@ def run_vitlab(train, test, budget: float, times: list[float], seed: int, overri
         checkpoints(row["step"])
 
     step, epoch = 0, 0
-    while clock() < budget:
-        epoch += 1
-        with matmuls_in(model, s["precision"]):  # as in fit: the training steps only
-            result = train_one_epoch(model, _until(batches, clock, budget), optimizer, scheduler,
-                                     label_smoothing=s["label_smoothing"], clip_grad=s["clip_grad"], epoch=epoch,
-                                     first_step=step, forward=forward, on_step=on_step)
-        step += result["steps"]
-        pace = clock() / step  # seconds per step so far, the probe included
-        schedule.total_steps = max(step + int((budget - clock()) / pace), step, schedule.warmup_steps)
+    with reusing():  # as in fit: each step reuses the buffers the one before freed (vitlab.memory)
+        while clock() < budget:
+            epoch += 1
+            with matmuls_in(model, s["precision"]):  # as in fit: the training steps only
+                result = train_one_epoch(model, _until(batches, clock, budget), optimizer, scheduler,
+                                         label_smoothing=s["label_smoothing"], clip_grad=s["clip_grad"], epoch=epoch,
+                                         first_step=step, forward=forward, on_step=on_step)
+            step += result["steps"]
+            pace = clock() / step  # seconds per step so far, the probe included
+            schedule.total_steps = max(step + int((budget - clock()) / pace), step, schedule.warmup_steps)
     checkpoints(step, done=True)
     print(f"  vitlab seed {seed}: {step} steps ({epoch} epochs) in {clock():.0f} s, "
           f"{step / clock():.1f} steps/s", flush=True)
