@@ -2,6 +2,7 @@
 numbers either way, and fit and the budget probe training inside it."""
 
 import contextlib
+import os
 import resource
 import sys
 import threading
@@ -141,6 +142,16 @@ def test_blocks_allocated_and_freed_on_many_threads_keep_their_values():
         for thread in threads:
             thread.join()
     assert errors == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_dataloader_workers_forked_inside_the_scope_allocate_and_return():
+    data = torch.utils.data.TensorDataset(torch.arange(64, dtype=torch.float32).repeat_interleave(2048).view(64, 2048))
+    with memory.reusing():
+        loader = torch.utils.data.DataLoader(data, batch_size=8, num_workers=2,
+                                             multiprocessing_context="fork")
+        sums = [batch.sum().item() for (batch,) in loader]
+    assert sums == [2048 * sum(range(i, i + 8)) for i in range(0, 64, 8)]
 
 
 def test_training_steps_give_the_same_numbers_inside_and_outside():

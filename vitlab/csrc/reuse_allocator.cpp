@@ -11,10 +11,12 @@
  * Blocks outlive scopes: a tensor made inside and freed after a scope closed returns its block to the
  * free list while keeping is on (vitlab_reuse_clear turns it off and frees the list), else to the C
  * library. The allocator object is never destroyed, so a block's deleter always finds it. All of it
- * is guarded by one mutex: tensors may be freed on any thread.
+ * is guarded by one mutex: tensors may be freed on any thread, and a fork waits for it.
  */
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+
+#include <pthread.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -87,6 +89,10 @@ struct ReuseAllocator final : c10::Allocator {
 };
 
 ReuseAllocator *const allocator = new ReuseAllocator();
+
+/* A process forked while another thread holds the mutex (a DataLoader's workers, say) would find it
+ * locked forever: the fork waits for it, and both sides let it go. */
+const int at_fork = pthread_atfork([] { mutex.lock(); }, [] { mutex.unlock(); }, [] { mutex.unlock(); });
 
 }  // namespace
 
