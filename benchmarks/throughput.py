@@ -203,9 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     infer_flops["vitlab (recording)"] = infer_flops["vitlab"]
 
     peak = matmul_peak()
-    with stack:
-        train = round_robin(train_steps, args.rounds, args.burst, args.batch)
-    memory.clear()  # the blocks the reused-memory steps kept
+    try:
+        with stack:
+            train = round_robin(train_steps, args.rounds, args.burst, args.batch)
+    finally:
+        memory.clear()  # the blocks the reused-memory steps kept
     infer_rounds = args.infer_rounds or 3 * args.rounds
     infer = round_robin(infer_steps, infer_rounds, args.burst, args.batch)
     peak = max(peak, matmul_peak())

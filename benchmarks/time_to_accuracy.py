@@ -51,6 +51,7 @@ import dataclasses
 import inspect
 import statistics
 import time
+from itertools import chain
 
 import torch
 
@@ -135,6 +136,14 @@ def _until(batches, clock: Clock, budget: float):
         yield images, labels
 
 
+def _epoch(batches, clock: Clock, budget: float):
+    """The epoch's batches that start before ``budget``, or None where not even the first does: making
+    the first batch can carry the clock past the budget after the loop checked it."""
+    left = _until(batches, clock, budget)
+    first = next(left, None)
+    return None if first is None else chain([first], left)
+
+
 def run_vitlab(train, test, budget: float, times: list[float], seed: int, overrides: dict) -> Checkpoints:
     """One run of vitlab's recipe -> its Checkpoints: ``.scores`` and ``.steps`` by checkpoint seconds."""
     config, s = vitlab_recipe(overrides)
@@ -163,10 +172,10 @@ def run_vitlab(train, test, budget: float, times: list[float], seed: int, overri
 
     step, epoch = 0, 0
     with reusing():  # as in fit: each step reuses the buffers the one before freed (vitlab.memory)
-        while clock() < budget:
+        while clock() < budget and (epoch_batches := _epoch(batches, clock, budget)) is not None:
             epoch += 1
             with matmuls_in(model, s["precision"]):  # as in fit: the training steps only
-                result = train_one_epoch(model, _until(batches, clock, budget), optimizer, scheduler,
+                result = train_one_epoch(model, epoch_batches, optimizer, scheduler,
                                          label_smoothing=s["label_smoothing"], clip_grad=s["clip_grad"], epoch=epoch,
                                          first_step=step, forward=forward, on_step=on_step)
             step += result["steps"]
@@ -202,9 +211,9 @@ def run_seed(train, test, budget: float, times: list[float], seed: int) -> Check
     clock = Clock()
     checkpoints = Checkpoints(times, clock, lambda: model, test, f"seed   seed {seed}")
     step, epoch = 0, 0
-    while clock() < budget:
+    while clock() < budget and (epoch_batches := _epoch(batches, clock, budget)) is not None:
         epoch += 1
-        result = train_one_epoch(model, _until(batches, clock, budget), optimizer, epoch=epoch, first_step=step,
+        result = train_one_epoch(model, epoch_batches, optimizer, epoch=epoch, first_step=step,
                                  on_step=lambda row: checkpoints(row["step"]))
         step += result["steps"]
     checkpoints(step, done=True)

@@ -54,6 +54,25 @@ def test_set_overrides_the_budget_recipe_and_refuses_unknown_keys(tta):
         tta.parse_overrides(["depth"])
 
 
+def test_an_epoch_whose_first_batch_is_made_past_the_budget_is_none(tta):
+    class Clock:  # advanced by a second each time a batch is made
+        t = 0.0
+
+        def __call__(self) -> float:
+            return self.t
+
+    def batches(clock: Clock):
+        for i in range(3):
+            clock.t += 1.0
+            yield i, i
+
+    late = Clock()
+    late.t = 0.2
+    assert tta._epoch(batches(late), late, budget=0.5) is None  # checked at 0.2, first batch ready at 1.2
+    clock = Clock()
+    assert [images for images, _ in tta._epoch(batches(clock), clock, budget=2.5)] == [0, 1]
+
+
 def test_evaluation_time_is_taken_off_the_training_clock(tta, monkeypatch):
     now = [100.0]
     monkeypatch.setattr(tta.time, "perf_counter", lambda: now[0])
