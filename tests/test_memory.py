@@ -3,7 +3,6 @@ numbers either way, and fit and the budget probe training inside it."""
 
 import contextlib
 import os
-import resource
 import sys
 import threading
 
@@ -32,6 +31,8 @@ def nothing_kept_before_or_after():
 
 
 def page_faults() -> int:
+    import resource  # Unix only: imported here, so that elsewhere the module is skipped, not an import error
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
