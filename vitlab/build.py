@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 
 def cache_dir() -> Path:
     """Where built libraries are kept: $VITLAB_CACHE_DIR, else $XDG_CACHE_HOME/vitlab, else ~/.cache/vitlab."""
@@ -37,6 +39,21 @@ def cpu_key() -> str:
             return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
     except OSError:
         return platform.processor()
+
+
+def torch_flags() -> tuple[str, ...]:
+    """The compiler flags that build against the installed PyTorch: its headers, its libraries' folder
+    (also as the run-time search path) and its C++ ABI."""
+    torch_dir = Path(torch.__file__).parent
+    lib_dir = torch_dir / "lib"
+    flags = (f"-I{torch_dir / 'include'}", f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}")
+    abi = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    return flags + ((f"-D_GLIBCXX_USE_CXX11_ABI={int(abi)}",) if abi is not None else ())
+
+
+def torch_key() -> str:
+    """The installed PyTorch's version and commit: a library built against it is rebuilt when it changes."""
+    return f"torch {torch.__version__} {getattr(torch.version, 'git_version', '')}"
 
 
 def shared_library(

@@ -32,8 +32,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from . import build
 
 log = logging.getLogger(__name__)
@@ -52,20 +50,12 @@ def enabled() -> bool:
     return os.environ.get("VITLAB_REUSE_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _flags() -> tuple[str, ...]:
-    torch_dir = Path(torch.__file__).parent
-    lib_dir = torch_dir / "lib"
-    flags = ("-O2", "-shared", "-fPIC", "-std=c++17", f"-I{torch_dir / 'include'}", f"-L{lib_dir}",
-             f"-Wl,-rpath,{lib_dir}")
-    abi = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
-    return flags + ((f"-D_GLIBCXX_USE_CXX11_ABI={int(abi)}",) if abi is not None else ())
-
-
 def _build() -> ctypes.CDLL:
     if sys.platform == "win32":
         raise RuntimeError("the reusing allocator is built with a Unix C++ toolchain; none is used on Windows")
-    key = f"torch {torch.__version__} {getattr(torch.version, 'git_version', '')}"
-    lib = ctypes.CDLL(str(build.shared_library(SOURCE, "reuse_allocator", _flags(), key=key, libraries=("-lc10",))))
+    flags = ("-O2", "-shared", "-fPIC", "-std=c++17") + build.torch_flags()
+    lib = ctypes.CDLL(str(build.shared_library(SOURCE, "reuse_allocator", flags, key=build.torch_key(),
+                                               libraries=("-lc10",))))
     lib.vitlab_reuse_enter.restype = ctypes.c_int
     lib.vitlab_reuse_exit.restype = None
     lib.vitlab_reuse_clear.restype = ctypes.c_size_t
