@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import amx
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # name -> the dtype of the blocks' Linear products
 
 
@@ -50,6 +52,8 @@ class Linear(nn.Linear):
         dtype = self.matmul_dtype
         if dtype is None or dtype == x.dtype == self.weight.dtype:
             return super().forward(x)
+        if dtype == torch.bfloat16 and amx.applies(x, self.weight):
+            return amx.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
@@ -66,6 +70,8 @@ def matmuls_in(model: nn.Module, precision: str) -> Iterator[nn.Module]:
     """Within the block, every ``precision.Linear`` of ``model`` multiplies in ``precision`` ("fp32" or
     "bf16"); on leaving (also on an error) each one is as it was before."""
     dtype = check_precision(precision)
+    if dtype == torch.bfloat16:
+        amx.available()  # built (on first use) here, outside any torch.compile trace of the products
     layers = [module for module in model.modules() if isinstance(module, Linear)]
     before = [layer.__dict__.get("matmul_dtype", Linear.matmul_dtype) for layer in layers]
     try:
