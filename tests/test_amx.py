@@ -117,6 +117,8 @@ def test_bad_input_is_refused_with_the_shapes_and_dtypes():
         torch.ops.vitlab.amx_linear(torch.randn(4, 16).bfloat16(), weight, torch.randn(5))
     with pytest.raises(RuntimeError, match="2-D float32 or bf16 weight"):
         torch.ops.vitlab.amx_linear(torch.randn(4, 16).bfloat16(), weight.double(), None)
+    with pytest.raises(RuntimeError, match=r"at least one input feature; got \[8, 0\]"):
+        torch.ops.vitlab.amx_linear(torch.randn(4, 0).bfloat16(), torch.randn(8, 0), None)
 
 
 @needs_amx

@@ -216,6 +216,28 @@ def test_attention_kernels_runs_every_way_end_to_end_and_leaves_the_switch_as_it
         assert re.search(rf"^{re.escape(way)} +\d+\.\d +\d+\.\d\d$", out, re.MULTILINE), way
 
 
+# --- amx_products.py ---------------------------------------------------------------------------------
+
+
+def test_amx_products_times_the_four_layers_both_ways(capsys):
+    from vitlab import amx, build
+
+    if build.compiler() is None or not amx.cpu_has_amx():
+        pytest.skip("needs a CPU with AMX-BF16 and a C++ compiler")
+    load("amx_products").main(["--threads", "1", "--batch", "2"])
+    out = capsys.readouterr().out
+    for layer, k, n in (("q/k/v", 64, 192), ("output projection", 64, 64), ("MLP in", 64, 128), ("MLP out", 128, 64)):
+        number = r"\d+\.\d"
+        assert re.search(rf"^{re.escape(layer)} +{k} +{n} +{number} +{number} +{number}\dx +{number} +{number} "
+                         rf"+{number}\dx$", out, re.MULTILINE), layer
+
+
+def test_amx_products_says_why_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("VITLAB_KERNELS", "0")
+    with pytest.raises(SystemExit, match="vitlab's AMX products do not run here"):
+        load("amx_products").main([])
+
+
 # --- validation_sweep.py -----------------------------------------------------------------------------
 
 

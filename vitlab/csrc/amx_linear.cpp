@@ -305,6 +305,8 @@ void check_inputs(const at::Tensor &x, const at::Tensor &weight, const char *nam
     TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
                 "vitlab::", name, " expects a 2-D float32 or bf16 weight; got ", weight.dim(), "-D ",
                 weight.scalar_type());
+    TORCH_CHECK(weight.size(1) > 0, "vitlab::", name, " expects a weight with at least one input feature; got ",
+                weight.sizes());
 }
 
 at::Tensor amx_linear(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &bias) {
@@ -316,7 +318,7 @@ at::Tensor amx_linear(const at::Tensor &x, const at::Tensor &weight, const std::
     std::vector<int64_t> sizes = x.sizes().vec();
     sizes.back() = N;
     at::Tensor out = at::empty(sizes, x.options());
-    const int64_t M = K ? xc.numel() / K : 0;
+    const int64_t M = xc.numel() / K;
     if (M == 0 || N == 0) return out;
     const int nthreads = at::get_num_threads();
     const int64_t Kp = padded(K), Np = padded(N);
