@@ -6,7 +6,9 @@ of each block (q/k/v, the attention's output projection, the MLP's two layers) t
 accumulates in fp32 and comes back as float32, so everything else stays float32: the weights the
 optimizer updates, LayerNorm, the attention scores, softmax and probabilities, GELU, the residual
 sums, the loss. The patch projection and the head stay fp32 too: they are small, and they touch the
-raw pixels and the logits. (vitlab's attention kernel takes the q/k/v product in bf16 and hands the
+raw pixels and the logits. Where the CPU has AMX-BF16 the bf16 products run on vitlab's own operators
+(``vitlab.amx``: the same products, in one pass each, their weight and bias gradients summed in
+float32); elsewhere on ``F.linear``. (vitlab's attention kernel takes the q/k/v product in bf16 and hands the
 output projection its input in bf16: the numbers of the casts to float32 and back, without the casts.)
 
 That is narrower than ``torch.autocast``, which also runs attention's small products (17 tokens
