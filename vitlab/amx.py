@@ -23,6 +23,7 @@ Legend: M rows (every leading dim of x flattened), K in features, N out features
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import sys
 import threading
@@ -132,14 +133,8 @@ def _register() -> None:
 
     @register_flop_formula(torch.ops.vitlab.amx_linear)
     def _forward_flops(x_shape, weight_shape, *args, **kwargs) -> int:
-        rows = 1
-        for size in x_shape[:-1]:
-            rows *= size
-        return 2 * rows * weight_shape[0] * weight_shape[1]
+        return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
 
     @register_flop_formula(torch.ops.vitlab.amx_linear_backward)
     def _backward_flops(grad_shape, x_shape, weight_shape, *args, **kwargs) -> int:
-        rows = 1
-        for size in x_shape[:-1]:
-            rows *= size
-        return 4 * rows * weight_shape[0] * weight_shape[1]
+        return 4 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]

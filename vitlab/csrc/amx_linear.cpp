@@ -123,22 +123,19 @@ inline void store_rounded(const float *c, const float *bias, int64_t rows, int64
     }
 }
 
-/* The packed B of a product whose B[k][n] is w[n * ldw + k] (forward: x w^T) or w[k * ldw + n] (the input
- * gradient: grad w), k < K, n < N, zero beyond; rows of pairs j in [j0, j1). */
+/* Row j of pairs of the packed B of a product whose B[k][n] is w[n * ldw + k] (forward: x w^T) or
+ * w[k * ldw + n] (the input gradient: grad w), k < K, n < N, zero beyond. */
 template <typename W>
-void pack_weight(const W *w, int64_t ldw, bool transposed, int64_t K, int64_t N, bf16 *bp, int64_t Np, int64_t j0,
-                 int64_t j1) {
-    for (int64_t j = j0; j < j1; j++) {
-        bf16 *row = bp + j * Np * 2;
-        std::memset(row, 0, Np * 2 * sizeof(bf16));
-        for (int64_t e = 0; e < 2; e++) {
-            const int64_t k = 2 * j + e;
-            if (k >= K) continue;
-            if (transposed)
-                for (int64_t n = 0; n < N; n++) row[2 * n + e] = as_bf16(w[n * ldw + k]);
-            else
-                for (int64_t n = 0; n < N; n++) row[2 * n + e] = as_bf16(w[k * ldw + n]);
-        }
+void pack_weight_row(const W *w, int64_t ldw, bool transposed, int64_t K, int64_t N, bf16 *bp, int64_t Np, int64_t j) {
+    bf16 *row = bp + j * Np * 2;
+    std::memset(row, 0, Np * 2 * sizeof(bf16));
+    for (int64_t e = 0; e < 2; e++) {
+        const int64_t k = 2 * j + e;
+        if (k >= K) continue;
+        if (transposed)
+            for (int64_t n = 0; n < N; n++) row[2 * n + e] = as_bf16(w[n * ldw + k]);
+        else
+            for (int64_t n = 0; n < N; n++) row[2 * n + e] = as_bf16(w[k * ldw + n]);
     }
 }
 
@@ -155,7 +152,7 @@ void rows_product(const bf16 *a, int64_t M, int64_t K, const W *w, int64_t ldw, 
         alignas(64) float c[kBlock * kBlock];
         bf16 *pad = work + Kp * Np + omp_get_thread_num() * kBlock * Kp;
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < Kp / 2; j++) pack_weight(w, ldw, transposed, K, N, bp, Np, j, j + 1);
+        for (int64_t j = 0; j < Kp / 2; j++) pack_weight_row(w, ldw, transposed, K, N, bp, Np, j);
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
             const int64_t m0 = blk * kBlock, rows = std::min(kBlock, M - m0);
@@ -351,15 +348,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amx_linear_backward(const at::Ten
     TORCH_CHECK(grad.scalar_type() == at::kBFloat16, "vitlab::amx_linear_backward expects a bf16 gradient; got ",
                 grad.scalar_type());
     TORCH_CHECK(x.size(-1) == K && grad.size(-1) == N && grad.numel() / std::max<int64_t>(N, 1) ==
-                x.numel() / std::max<int64_t>(K, 1),
+                x.numel() / K,
                 "vitlab::amx_linear_backward: expected the gradient (..., ", N, ") and input (..., ", K,
                 ") of one product; got ", grad.sizes(), " and ", x.sizes());
     const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
     at::Tensor grad_x = at::empty(x.sizes(), x.options());
     at::Tensor grad_w = at::empty({N, K}, weight.options().dtype(at::kFloat));
     at::Tensor grad_b = at::empty({N}, weight.options().dtype(at::kFloat));
-    const int64_t M = K ? xc.numel() / K : 0;
-    if (M == 0 || N == 0 || K == 0) {
+    const int64_t M = xc.numel() / K; /* K > 0: check_inputs */
+    if (M == 0 || N == 0) {
         grad_x.zero_(), grad_w.zero_(), grad_b.zero_();
     } else {
         const int nthreads = at::get_num_threads();
