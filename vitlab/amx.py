@@ -6,7 +6,7 @@ reading an operand transposed, as multiplying. ``csrc/amx_linear.cpp`` does each
 the tiles: it rounds the float32 weight to bf16 and packs it as it reads it, adds the bias and rounds on
 the way out, and packs the weight gradient's operands once, each thread its own share of the rows.
 Measured at the MNIST model's four shapes (``benchmarks/amx_products.py``, RESULTS.md): the forward
-products 1.7-2.2x and the backward ones 1.5-2.1x as fast as ``F.linear``'s.
+products 1.5-2.2x and the backward ones 1.5-2.2x as fast as ``F.linear``'s.
 
 ``linear(x, weight, bias)`` is ``F.linear(x, weight.bfloat16(), bias.bfloat16())`` for a bf16 ``x``, up to
 the order in which the float32 sums are taken; its gradient gives the weight's and the bias's summed in
