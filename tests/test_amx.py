@@ -5,6 +5,7 @@ torch.compile, and F.linear wherever the operators do not run."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_digits import tiny_vit
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab import amx, build, precision
@@ -29,7 +30,7 @@ def assert_within_a_rounding(actual: torch.Tensor, expected: torch.Tensor) -> No
     """bf16 results one rounding apart at most: the float32 sums in another order may round the other way."""
     assert actual.dtype == expected.dtype == torch.bfloat16 and actual.shape == expected.shape
     a, e = actual.double(), expected.double()
-    ulp = e.abs() * 2.0**-7 + 1e-30  # two bf16 steps at most, relative
+    ulp = e.abs() * 2.0**-7 + 1e-30  # at least one bf16 step at e, wherever e lies between powers of two
     assert ((a - e).abs() <= ulp + 1e-6 * e.abs().max()).all(), (a - e).abs().max()
 
 
@@ -90,7 +91,7 @@ def test_gradients_are_summed_in_float32_and_rounded_once(rows, k, n):
 @needs_amx
 def test_the_thread_count_changes_no_forward_number_and_no_gradient_beyond_float32_rounding():
     torch.manual_seed(0)
-    x, weight, bias, grad = torch.randn(2176, 64).bfloat16(), torch.randn(192, 64), torch.randn(192), None
+    x, weight, bias = torch.randn(2176, 64).bfloat16(), torch.randn(192, 64), torch.randn(192)
     grad = torch.randn(2176, 192).bfloat16()
     before = torch.get_num_threads()
     results = []
@@ -131,8 +132,6 @@ def test_the_flop_counter_counts_the_products():
 
 @needs_amx
 def test_blocks_in_bf16_run_on_the_tiles_and_compile_into_one_graph(monkeypatch):
-    from tiny_digits import tiny_vit
-
     calls = []
     real = amx.linear
     monkeypatch.setattr(amx, "linear", lambda *args: calls.append(args[1].shape) or real(*args))
@@ -154,8 +153,6 @@ def test_blocks_in_bf16_run_on_the_tiles_and_compile_into_one_graph(monkeypatch)
 
 @needs_amx
 def test_a_model_in_bf16_stays_close_to_float32():
-    from tiny_digits import tiny_vit
-
     torch.manual_seed(0)
     model, images = tiny_vit(), torch.randn(20, 1, 28, 28)
     exact = model(images)
