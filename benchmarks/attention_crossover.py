@@ -15,7 +15,7 @@ import time
 import torch
 
 from vitlab import Attention
-from vitlab.config import EXPLICIT_ATTENTION_MAX_TOKENS
+from vitlab.model.config import EXPLICIT_ATTENTION_MAX_TOKENS
 
 
 def best_time(attn: Attention, x: torch.Tensor, fused: bool, repeats: int) -> float:

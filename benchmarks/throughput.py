@@ -6,7 +6,7 @@ short bursts, so machine noise hits all of them alike, and each figure is the be
 Every figure is printed as a ratio to vitlab's eager training or inference speed, beside FLOPs
 per image (torch.utils.flop_counter) and achieved GFLOP/s against a matmul peak measured in
 the same run. The peers train with PyTorch's fused AdamW; vitlab's rows with ``vitlab.FlatAdamW``
-(what ``vitlab.optim.make_optimizer`` builds: the same update, once per parameter group instead of
+(what ``vitlab.training.optim.make_optimizer`` builds: the same update, once per parameter group instead of
 once per tensor), and "vitlab (torch AdamW)" is vitlab eager with the peers' optimizer, the models'
 forward and backward passes alone compared. "vitlab (compiled)" is ``fit(compile=True)``'s path:
 ``torch.compile(model)``; its compilation happens in the warm-up, before the clock starts.
@@ -15,7 +15,7 @@ reusing allocator that ``fit`` trains inside (``vitlab.memory``); the compiled r
 ``fit`` does. Each of these steps opens a ``reusing(keep=True)`` scope, so the peers' steps in between
 run on PyTorch's own allocator.
 "vitlab (compiled, bf16)" is ``fit(compile=True, precision="bf16")``'s: the blocks' Linear products
-in bf16 (``vitlab.precision``), set once for all its steps as ``fit`` sets it for an epoch, timed
+in bf16 (``vitlab.training.precision``), set once for all its steps as ``fit`` sets it for an epoch, timed
 only where the CPU multiplies bf16 natively; its GFLOP/s count the same FLOPs, and its share of the
 peak is given against the fp32 peak, with the bf16 matmul peak printed beside it.
 
@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from vitlab.flat_adamw import FlatAdamW
 
 import vitlab
 from vitlab import memory
-from vitlab.flat_adamw import FlatAdamW
-from vitlab.precision import matmuls_in, native_bf16
+from vitlab.training.precision import matmuls_in, native_bf16
 
 IMAGE, PATCH, CHANNELS, CLASSES, DIM, DEPTH, HEADS, MLP = 28, 7, 1, 10, 64, 6, 4, 128
 TORCH_ADAMW = "vitlab (torch AdamW)"  # vitlab eager with the peers' optimizer: the models alone compared

@@ -6,7 +6,7 @@ Two recipes, trained for each seed on all 5,000 images of ``load_mnist(source="m
   (AdamW, warmup then cosine, label smoothing, clipping, batched random affine, the EMA of the weights)
   with four blocks instead of six, a peak learning rate of 5e-3 instead of 2e-3, the mean of the patch tokens
   classified instead of the CLS token, a 1-px elastic warp added to the affine, compiled steps, and the blocks'
-  Linear products in bf16 where the CPU multiplies bf16 natively (``vitlab.precision``); the recipe of
+  Linear products in bf16 where the CPU multiplies bf16 natively (``vitlab.training.precision``); the recipe of
   ``python -m vitlab.train --depth 4 --lr 5e-3 --pool mean --elastic 1.0 --compile [--precision bf16]
   --time-budget T`` (which plans its cosine once, at the start,
   where this benchmark re-plans it every epoch). It is built from the
@@ -54,15 +54,15 @@ import time
 from itertools import chain
 
 import torch
+from vitlab.memory import reusing
 
 from vitlab import ViT, ViTConfig
-from vitlab.batches import make_batches
-from vitlab.budget import plan_steps, probe_batches, time_steps
-from vitlab.data import DigitDataset, load_mnist, read_mnist_idx
-from vitlab.memory import reusing
-from vitlab.optim import make_optimizer
-from vitlab.precision import matmuls_in, native_bf16
-from vitlab.training import EMA, RECIPE_KEYS, evaluate, fit, seed_everything, train_one_epoch
+from vitlab.training.batches import make_batches
+from vitlab.training.budget import plan_steps, probe_batches, time_steps
+from vitlab.training.data import DigitDataset, load_mnist, read_mnist_idx
+from vitlab.training.loop import EMA, RECIPE_KEYS, evaluate, fit, seed_everything, train_one_epoch
+from vitlab.training.optim import make_optimizer
+from vitlab.training.precision import matmuls_in, native_bf16
 
 RECIPES = ("vitlab", "seed")
 RUNS = ("per-checkpoint", "one")

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from vitlab import ViT, ViTConfig
-from vitlab.data import load_mnist
-from vitlab.precision import native_bf16
-from vitlab.training import evaluate, fit, seed_everything
+from vitlab.training.data import load_mnist
+from vitlab.training.loop import evaluate, fit, seed_everything
+from vitlab.training.precision import native_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from time_to_accuracy import parse_overrides, vitlab_recipe  # noqa: E402  (the same --set syntax)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vitlab.attention import Attention, local_window_mask
+from vitlab.model.attention import Attention, local_window_mask
 
 B, N, D, H = 2, 10, 16, 4  # 1 CLS + a 3x3 grid
 
@@ -193,7 +193,7 @@ def test_non_bool_mask_is_rejected(fused):
 @pytest.mark.parametrize("fused", [False, True])
 def test_mask_of_wrong_size_is_rejected(fused):
     attn = make(fused=fused)
-    with pytest.raises(ValueError, match=r"ending in \(10, 10\); got \(17, 17\)"):
+    with pytest.raises(ValueError, match=r"broadcastable to \(B, h, N, N\) = \(2, 4, 10, 10\); got \(17, 17\)"):
         attn(torch.randn(B, N, D), local_window_mask(4, 3))
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from tiny_digits import tiny_digits
 
-from vitlab.batches import TensorBatches, make_batches, num_images
-from vitlab.data import MNIST_MEAN, MNIST_STD, augment_batch
+from vitlab.training.batches import TensorBatches, make_batches, num_images
+from vitlab.training.data import MNIST_MEAN, MNIST_STD, augment_batch
 
 
 def _order(batches):

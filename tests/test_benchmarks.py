@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vitlab import ViTConfig, memory
-from vitlab.precision import native_bf16
+from vitlab.training.precision import native_bf16
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vitlab.blocks import MLP, Block, DropPath
+from vitlab.model.blocks import MLP, Block, DropPath
 
 D = 16
 

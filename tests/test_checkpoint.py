@@ -7,12 +7,12 @@ import pytest
 import torch
 from tiny_digits import tiny_digits, tiny_vit
 
-import vitlab.checkpoint
-from vitlab import training
-from vitlab.checkpoint import load_checkpoint, save_checkpoint
-from vitlab.history import History
-from vitlab.optim import make_optimizer
-from vitlab.training import fit
+import vitlab.training.checkpoint
+from vitlab.training import loop as training
+from vitlab.training.checkpoint import load_checkpoint, save_checkpoint
+from vitlab.training.history import History
+from vitlab.training.loop import fit
+from vitlab.training.optim import make_optimizer
 
 CODE_RAN = []
 
@@ -199,7 +199,7 @@ def test_a_failed_save_leaves_the_earlier_file_intact_and_no_temporary_file(tmp_
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(vitlab.checkpoint.torch, "save", save_half_then_fail)
+    monkeypatch.setattr(vitlab.training.checkpoint.torch, "save", save_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, tiny_vit(seed=2))
     monkeypatch.undo()

@@ -4,12 +4,12 @@ import pytest
 import torch
 from tiny_digits import tiny_digits, tiny_vit
 
-from vitlab.checkpoint import load_checkpoint, save_checkpoint
-from vitlab.data import write_idx
 from vitlab.evaluate import RESULT_FORMAT, RESULT_PATTERN
 from vitlab.evaluate import main as evaluate_main
 from vitlab.train import main as train_main
-from vitlab.training import evaluate
+from vitlab.training.checkpoint import load_checkpoint, save_checkpoint
+from vitlab.training.data import write_idx
+from vitlab.training.loop import evaluate
 
 TINY_FLAGS = ["--dim", "32", "--depth", "2", "--heads", "2", "--mlp-dim", "64", "--batch-size", "64"]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vitlab.config import EXPLICIT_ATTENTION_MAX_TOKENS, ViTConfig
+from vitlab.model.config import EXPLICIT_ATTENTION_MAX_TOKENS, ViTConfig
 
 
 def test_defaults_are_mnist_sized_and_derived_sizes_follow():
@@ -20,24 +20,20 @@ def test_seed_numbers_for_a_224_image_with_16_pixel_patches():
 
 
 def test_auto_attention_is_explicit_up_to_the_crossover(monkeypatch):
-    import vitlab.config
+    import vitlab.model.config
 
-    monkeypatch.setenv("VITLAB_KERNELS", "0")  # without vitlab's kernel
     c = ViTConfig()  # 17 tokens
-    monkeypatch.setattr(vitlab.config, "EXPLICIT_ATTENTION_MAX_TOKENS", 17)
+    monkeypatch.setattr(vitlab.model.config, "EXPLICIT_ATTENTION_MAX_TOKENS", 17)
     assert c.fused_attention is False  # at the crossover: still explicit
-    monkeypatch.setattr(vitlab.config, "EXPLICIT_ATTENTION_MAX_TOKENS", 16)
+    monkeypatch.setattr(vitlab.model.config, "EXPLICIT_ATTENTION_MAX_TOKENS", 16)
     assert c.fused_attention is True
 
 
-def test_auto_attention_with_the_shipped_crossover(monkeypatch):
-    from vitlab import kernels
-
-    assert ViTConfig().fused_attention is kernels.available(17, 16)  # 17 tokens: fused on vitlab's kernel
+def test_auto_attention_with_the_shipped_crossover():
+    assert ViTConfig().fused_attention is False  # 17 tokens: the explicit path
+    assert ViTConfig(image_size=224, patch_size=16, in_channels=3, dim=768, heads=12).fused_attention is False  # 197
+    assert ViTConfig(image_size=384, patch_size=16, in_channels=3, dim=768, heads=12).fused_attention is True  # 577
     assert ViTConfig(image_size=32, patch_size=1).fused_attention is True  # 1025 tokens
-    monkeypatch.setenv("VITLAB_KERNELS", "0")
-    assert ViTConfig().fused_attention is False
-    assert ViTConfig(image_size=32, patch_size=1).fused_attention is True
 
 
 @pytest.mark.parametrize(("impl", "fused"), [("fused", True), ("explicit", False)])

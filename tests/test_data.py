@@ -1,4 +1,4 @@
-"""Tests for vitlab/data.py: IDX files, MNIST sources and splits, transforms, batched augmentation, image folders."""
+"""Tests for vitlab/training/data.py: IDX files, MNIST sources and splits, transforms, batched augmentation, image folders."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from vitlab.data import (
+from vitlab.training.data import (
     AFFINE_DEGREES,
     AFFINE_SCALE,
     AFFINE_TRANSLATE,

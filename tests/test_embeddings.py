@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vitlab.embeddings import ClsToken, PositionEmbedding, resample_pos_embed, sincos_2d
+from vitlab.model.embeddings import ClsToken, PositionEmbedding, resample_pos_embed, sincos_2d
 
 
 def test_cls_token_prepends_the_same_vector_to_every_sequence():

@@ -9,9 +9,16 @@ import pytest
 import torch
 
 import vitlab
-from vitlab.explain import (
-    attention_rollout, cls_rollout_map, mean_attention_distance, patch_distances, patch_embedding_components,
-    plot_components, plot_position_similarity, position_embedding_similarity, upsample_patch_map,
+from vitlab.inside.explain import (
+    attention_rollout,
+    cls_rollout_map,
+    mean_attention_distance,
+    patch_distances,
+    patch_embedding_components,
+    plot_components,
+    plot_position_similarity,
+    position_embedding_similarity,
+    upsample_patch_map,
 )
 
 

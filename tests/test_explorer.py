@@ -12,10 +12,20 @@ from torch import nn  # noqa: E402
 from torch.testing import assert_close  # noqa: E402
 
 import vitlab  # noqa: E402
-from vitlab import explorer as explorer_module  # noqa: E402
-from vitlab.explorer import (  # noqa: E402
-    ALL_HEADS, VIEWS, AttentionExplorer, build_panel, count_hooks, find_mistakes, head_weights, leaky_hooks,
-    load_photo_vit, naive_attend_hook, photo_batch, view_maps,
+from vitlab.lab import explorer as explorer_module  # noqa: E402
+from vitlab.lab.explorer import (  # noqa: E402
+    ALL_HEADS,
+    VIEWS,
+    AttentionExplorer,
+    build_panel,
+    count_hooks,
+    find_mistakes,
+    head_weights,
+    leaky_hooks,
+    load_photo_vit,
+    naive_attend_hook,
+    photo_batch,
+    view_maps,
 )
 
 SMALL = dict(image_size=12, patch_size=4, in_channels=1, num_classes=5, dim=16, depth=3, heads=2, mlp_dim=24)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vitlab.history import History
+from vitlab.training.history import History
 
 
 def test_columns_best_epoch_and_round_trip():

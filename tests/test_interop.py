@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 import vitlab
 from vitlab import ViTConfig
-from vitlab.interop import from_huggingface, from_state_dict, from_timm, from_torchvision
+from vitlab.inside.interop import from_huggingface, from_state_dict, from_timm, from_torchvision
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vitlab.attention import local_window_mask
-from vitlab.config import ViTConfig
-from vitlab.embeddings import sincos_2d
 from vitlab.model import ViT
+from vitlab.model.attention import local_window_mask
+from vitlab.model.config import ViTConfig
+from vitlab.model.embeddings import sincos_2d
 
 SMALL = dict(image_size=12, patch_size=4, in_channels=2, num_classes=5, dim=16, depth=2, heads=4, mlp_dim=24)
 

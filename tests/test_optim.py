@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_digits import tiny_vit
 
-from vitlab.optim import WarmupCosine, make_optimizer, param_groups
+from vitlab.training.optim import WarmupCosine, make_optimizer, param_groups
 
 
 def test_only_weight_matrices_decay():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vitlab.patches import PatchEmbed, conv_to_linear_weight, linear_to_conv_weight, patchify, unpatchify
+from vitlab.model.patches import PatchEmbed, conv_to_linear_weight, linear_to_conv_weight, patchify, unpatchify
 
 
 def test_patchify_shape():

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
+from tiny_digits import tiny_digits
 from torch import nn
 
-from vitlab.history import History
-from vitlab.plots import (
+from vitlab.lab.plots import (
     LivePlot,
     confusion_matrix,
     per_class_accuracy,
@@ -20,8 +20,7 @@ from vitlab.plots import (
     plot_misclassified,
     predict,
 )
-
-from tiny_digits import tiny_digits
+from vitlab.training.history import History
 
 
 def _history(epochs: int = 3, steps_per_epoch: int = 4, validated: bool = True) -> History:

@@ -4,13 +4,13 @@ import pytest
 import torch
 from tiny_digits import tiny_vit
 
-import vitlab.pretrained
-from vitlab.checkpoint import save_checkpoint
-from vitlab.pretrained import load_pretrained_mnist
+import vitlab.training.pretrained
+from vitlab.training.checkpoint import save_checkpoint
+from vitlab.training.pretrained import load_pretrained_mnist
 
 
 def test_missing_weights_raise_with_the_command_that_creates_them(monkeypatch):
-    monkeypatch.setattr(vitlab.pretrained, "WEIGHTS", ("weights", "no_such_file.pt"))
+    monkeypatch.setattr(vitlab.training.pretrained, "WEIGHTS", ("weights", "no_such_file.pt"))
     with pytest.raises(FileNotFoundError, match=r"no pretrained weights at .*no_such_file\.pt.*-m vitlab\.train"):
         load_pretrained_mnist()
 
@@ -19,7 +19,7 @@ def test_the_packaged_file_loads_as_a_model_in_eval_mode(monkeypatch, tmp_path):
     model = tiny_vit(dropout=0.1)
     (tmp_path / "weights").mkdir()
     save_checkpoint(tmp_path / "weights" / "mnist_vit.pt", model)
-    monkeypatch.setattr(vitlab.pretrained.resources, "files", lambda package: tmp_path)  # stands in for the package
+    monkeypatch.setattr(vitlab.training.pretrained.resources, "files", lambda package: tmp_path)  # stands in for the package
     loaded = load_pretrained_mnist()
     assert not loaded.training
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
@@ -28,11 +28,11 @@ def test_the_packaged_file_loads_as_a_model_in_eval_mode(monkeypatch, tmp_path):
 def test_the_shipped_weights_load_and_recognise_digits():
     from importlib import resources
 
-    from vitlab.data import load_mnist
-    from vitlab.training import evaluate
+    from vitlab.training.data import load_mnist
+    from vitlab.training.loop import evaluate
 
-    path = resources.files("vitlab").joinpath(*vitlab.pretrained.WEIGHTS)
-    assert path.is_file(), f"expected the shipped weights at {path}; create them with {vitlab.pretrained.TRAIN_COMMAND}"
+    path = resources.files("vitlab").joinpath(*vitlab.training.pretrained.WEIGHTS)
+    assert path.is_file(), f"expected the shipped weights at {path}; create them with {vitlab.training.pretrained.TRAIN_COMMAND}"
     assert path.stat().st_size < 2_000_000  # small enough to ship inside the package
     model = load_pretrained_mnist()
     assert not model.training

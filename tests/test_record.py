@@ -1,16 +1,16 @@
 """The recorder: what it records, that recording changes nothing, and that it never leaves a hook behind."""
 
-import gc
 import sys
+import threading
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 import vitlab
-from vitlab.attention import local_window_mask
+from vitlab.inside.record import Recording, record
 from vitlab.model import ViT
-from vitlab.record import Recording, record
+from vitlab.model.attention import local_window_mask
 
 recorder = sys.modules[Recording.__module__]  # the module; `vitlab.record` is the function
 
@@ -94,7 +94,7 @@ def test_no_hook_is_left_after_the_context():
     model = small()
     assert hooks_left(model) == []
     with record(model, keep_all=True):
-        assert ("every module", "_global_forward_hooks") in hooks_left(model)  # sanity: the check below sees them
+        assert ("blocks.0.attn.attend", "_forward_hooks") in hooks_left(model)  # sanity: the check below sees them
         model(images())
     assert hooks_left(model) == []
 
@@ -116,7 +116,7 @@ def test_no_hook_is_left_after_an_exception_in_the_forward_pass():
             model(torch.randn(1, 3, 12, 12))  # wrong channel count
     assert hooks_left(model) == []
     assert all(b.attn.fused for b in model.blocks)
-    with pytest.raises(ValueError, match="ending in"):
+    with pytest.raises(ValueError, match="broadcastable to"):
         with record(model):
             model(images(), torch.ones(4, 4, dtype=torch.bool))  # raises inside the first block
     assert hooks_left(model) == []
@@ -145,7 +145,7 @@ def test_tokens_equal_running_the_blocks_by_hand():
 ])
 def test_shape_trace_order(kind, embed_steps):
     model = small(depth=2, patch_embed=kind)
-    with record(model) as rec:
+    with record(model, every_step=True) as rec:
         model(images())
     names = [name for name, _ in rec.shapes]
     assert rec.shapes[0] == ("input", (B, 2, 12, 12))
@@ -166,6 +166,20 @@ def test_shape_trace_order(kind, embed_steps):
     table = rec.format_shapes()
     assert table.splitlines()[2].split() == ["input", "(2,", "2,", "12,", "12)"]
     assert len(table.splitlines()) == len(rec.shapes) + 2
+
+
+def test_the_default_trace_lists_the_main_steps_only():
+    model = small(depth=2)
+    with record(model) as rec:
+        model(images())
+    assert rec.shapes == [
+        ("input", (B, 2, 12, 12)), ("patch_embed", (B, N - 1, D)), ("cls_token", (B, N, D)), ("pos_embed", (B, N, D)),
+        ("blocks.0.attn.attend", (B, H, N, N)), ("blocks.0", (B, N, D)),
+        ("blocks.1.attn.attend", (B, H, N, N)), ("blocks.1", (B, N, D)),
+        ("norm", (B, N, D)), ("pool", (B, D)), ("head", (B, 5)), ("logits", (B, 5)),
+    ]
+    hooked = [name for name, m in model.named_modules() if m._forward_hooks]
+    assert hooked == []  # and none is left
 
 
 @pytest.mark.parametrize("final_norm, tail", [
@@ -193,7 +207,7 @@ def test_seed_numbers_224_image_16_pixel_patches():
     torch.manual_seed(0)
     model = ViT(image_size=224, patch_size=16, in_channels=3, dim=768, depth=1, heads=12, mlp_dim=64,
                 patch_embed="conv").eval()
-    with torch.no_grad(), record(model) as rec:
+    with torch.no_grad(), record(model, every_step=True) as rec:
         model(torch.randn(1, 3, 224, 224))
     shapes = dict(rec.shapes)
     assert shapes["input"] == (1, 3, 224, 224)
@@ -275,69 +289,103 @@ def test_recording_keeps_gradients_flowing():
     assert model.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_a_finished_recordings_buffers_serve_the_next_one_and_a_live_one_is_never_overwritten(monkeypatch):
-    monkeypatch.setattr(recorder, "_spare", [])
-    model = small()
-    with record(model) as first:
-        model(images())
-    kept = first.attentions
-    buffer = first._buffers["attentions"]
-    with record(model) as second:  # `first` is alive: its buffers stay its own
-        model(images(b=2) * 3)
-    assert second._buffers["attentions"] is not buffer
-    assert torch.equal(first.attentions, kept)
-    embeddings = first.embeddings
-    del first
-    gc.collect()
-    assert any(spare is buffer for spare in recorder._spare)
-    with record(model) as third:
-        model(images())
-    assert third._buffers["attentions"] is buffer  # handed on, not allocated again
-    assert torch.equal(third.attentions, kept)  # and filled by the new pass
-    assert torch.equal(embeddings, third.embeddings)  # what the first one returned was a copy
-
-
-def test_buffers_beyond_the_spare_budget_are_let_go(monkeypatch):
-    monkeypatch.setattr(recorder, "_spare", [])
-    monkeypatch.setattr(recorder, "SPARE_BYTES", 1000)  # smaller than the attention buffer (B*L*H*N*N floats)
-    model = small()
-    with record(model) as rec:
-        model(images())
-    del rec
-    gc.collect()
-    assert recorder._spare == []
-
-
-def test_a_buffer_made_in_inference_mode_serves_a_later_pass_with_autograd(monkeypatch):
-    monkeypatch.setattr(recorder, "_spare", [])
-    model = small()
-    with torch.inference_mode(), record(model) as rec:
-        model(images())
-    del rec
-    gc.collect()
-    x = images().requires_grad_()
-    with record(model) as rec:
-        model(x).sum().backward()  # filling a reused buffer must not touch autograd
-    assert x.grad is not None and not rec.attentions.requires_grad
-    assert_close(rec.attentions.sum(-1), torch.ones(B, L, H, N))
-
-
 def test_another_model_run_during_a_recording_is_not_traced():
     model, other = small(), small(depth=1)
     with record(model) as rec:
         model(images())
-        other(images())  # its modules pass the process-wide hook, which ignores them
+        other(images())  # no hook of the recording is on its modules
     assert rec.attentions.shape == (B, L, H, N, N)
     assert [name for name, _ in rec.shapes].count("blocks.0.attn.attend") == 1
 
 
-def test_what_a_recording_returns_is_a_copy_that_later_passes_leave_alone():
+def test_what_a_recording_returns_is_left_alone_by_later_passes():
     model = small()
     with record(model) as rec:
         model(images(b=1))
         attentions, tokens, embeddings = rec.attentions, rec.tokens, rec.embeddings
         kept = [t.clone() for t in (attentions, tokens, embeddings)]
-        model(images(b=1) * 5)  # same shapes: the same buffers are refilled
+        model(images(b=1) * 5)
         assert not torch.equal(rec.attentions, kept[0])
     for returned, before in zip((attentions, tokens, embeddings), kept):
-        assert torch.equal(returned, before) and returned.is_contiguous()
+        assert torch.equal(returned, before)
+
+
+@pytest.mark.parametrize("order", ["inner first", "outer first"])
+def test_nested_recordings_exited_in_any_order_restore_every_path(order):
+    model = small(attn_impl="fused")
+    outer, inner = record(model), record(model)
+    rec_outer, rec_inner = outer.__enter__(), inner.__enter__()
+    model(images())
+    assert rec_outer.attentions.shape == rec_inner.attentions.shape == (B, L, H, N, N)  # both saw the pass
+    first, second = (inner, outer) if order == "inner first" else (outer, inner)
+    first.__exit__(None, None, None)
+    assert not any(b.attn.fused for b in model.blocks)  # the other one still records
+    second.__exit__(None, None, None)
+    assert all(b.attn.fused for b in model.blocks)  # the config's path again
+    assert hooks_left(model) == []
+
+
+def test_a_second_thread_cannot_record_the_same_model_meanwhile():
+    model = small()
+    errors = []
+
+    def other_thread():
+        try:
+            with record(model):
+                pass
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    with record(model):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and "being recorded in another thread" in errors[0]
+    thread = threading.Thread(target=other_thread)  # once the first recording has ended, it may
+    thread.start()
+    thread.join()
+    assert len(errors) == 1
+
+
+def test_two_threads_may_record_two_models_at_once():
+    models = [small(), small(depth=1)]
+    shapes = {}
+
+    def run(i):
+        with record(models[i]) as rec:
+            models[i](images())
+        shapes[i] = tuple(rec.attentions.shape)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert shapes == {0: (B, 3, H, N, N), 1: (B, 1, H, N, N)}
+
+
+def test_a_compiled_model_is_refused_with_what_to_do():
+    model = small()
+    with pytest.raises(ValueError, match=r"record the model itself, not the torch.compile'd wrapper"):
+        with record(torch.compile(model)):
+            pass
+    assert hooks_left(model) == []
+
+
+def test_a_batch_over_max_bytes_is_refused_before_the_pass_and_names_the_bytes():
+    model = small()
+    need = recorder.recorded_bytes(model, 2)
+    assert need == 2 * (L * H * N * N + (L + 1) * N * D) * 4
+    calls = []
+    model.patch_embed.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=rf"recording 2 images needs {need:,} bytes; max_bytes is {need - 1:,}. "
+                                         r"Record fewer images"):
+        with record(model, max_bytes=need - 1):
+            model(images())
+    assert calls == []  # nothing was computed
+    with record(model, max_bytes=need) as rec:
+        model(images())
+    assert rec.attentions.shape[0] == 2
+    with pytest.raises(ValueError, match=r"max_bytes must be a positive int; got 0"):
+        with record(model, max_bytes=0):
+            pass

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from tiny_digits import tiny_vit
 from torch import nn
 
-from vitlab.devices import device_of
-from vitlab.optim import adamw, param_groups
-from vitlab.step import train_step
+from vitlab.training.devices import device_of
+from vitlab.training.optim import adamw, param_groups
+from vitlab.training.step import train_step
 
 
 def batch(seed: int = 0, n: int = 6):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vitlab.toy import AttnGANWordAttention, SAGANSelfAttention, length_mask
+from vitlab.model.toy import AttnGANWordAttention, SAGANSelfAttention, length_mask
 
 
 def seed_feature_map() -> torch.Tensor:

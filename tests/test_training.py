@@ -6,13 +6,13 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tiny_digits import tiny_digits, tiny_vit
+from torch import nn
 
-from vitlab import training
-from vitlab.budget import plan_steps
-from vitlab.checkpoint import load_checkpoint
-from vitlab.training import evaluate, fit, train_one_epoch
+from vitlab.training import loop as training
+from vitlab.training.budget import plan_steps
+from vitlab.training.checkpoint import load_checkpoint
+from vitlab.training.loop import evaluate, fit, train_one_epoch
 
 FAST = dict(batch_size=32, progress=False)
 

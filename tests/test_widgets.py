@@ -13,8 +13,12 @@ import torch  # noqa: E402
 from torch.testing import assert_close  # noqa: E402
 
 from vitlab import local_window_mask, patchify  # noqa: E402
-from vitlab.widgets import (  # noqa: E402
-    attention_cost, format_bytes, patch_grid_view, softmax_temperature_view, window_mask_view,
+from vitlab.lab.widgets import (  # noqa: E402
+    attention_cost,
+    format_bytes,
+    patch_grid_view,
+    softmax_temperature_view,
+    window_mask_view,
 )
 
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from vitlab.data import DigitDataset
 from vitlab.model import ViT
+from vitlab.training.data import DigitDataset
 
 TINY = dict(dim=32, depth=2, heads=2, mlp_dim=64)  # a ViT that trains in milliseconds per step
 

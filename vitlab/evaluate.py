@@ -7,9 +7,9 @@ import re
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .data import DigitDataset, load_mnist, read_mnist_idx
-from .training import evaluate
+from .training.checkpoint import load_checkpoint
+from .training.data import DigitDataset, load_mnist, read_mnist_idx
+from .training.loop import evaluate
 
 RESULT_FORMAT = "accuracy {accuracy:.2%} on {n} images"  # the last line printed, e.g. "accuracy 98.83% on 10000 images"
 RESULT_PATTERN = re.compile(r"^accuracy (\d{1,3}\.\d{2})% on (\d+) images$")

@@ -8,14 +8,14 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .batches import check_augment
-from .checkpoint import save_checkpoint
-from .config import POOLS, POS_EMBEDS, ViTConfig
-from .data import DigitDataset, load_mnist
-from .history import History
-from .model import ViT
-from .precision import PRECISIONS
-from .training import EMA_DECAY, evaluate, fit, seed_everything
+from .model.config import POOLS, POS_EMBEDS, ViTConfig
+from .model.vit import ViT
+from .training.batches import check_augment
+from .training.checkpoint import save_checkpoint
+from .training.data import DigitDataset, load_mnist
+from .training.history import History
+from .training.loop import EMA_DECAY, evaluate, fit, seed_everything
+from .training.precision import PRECISIONS
 
 DEFAULT_EPOCHS = 10  # when neither --epochs nor --time-budget is given
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ViTConfig
+from ..model.config import ViTConfig
+from ..model.vit import ViT
 from .history import History
-from .model import ViT
 
 FORMAT = "vitlab-checkpoint"
 VERSION = 2  # what save_checkpoint writes
@@ -83,7 +83,7 @@ def save_checkpoint(
     ``path`` with ``os.replace``: a crash or an exception mid-write leaves any earlier file at ``path`` as
     it was, and no temporary file behind.
     """
-    from . import __version__
+    from .. import __version__
 
     path = Path(path)
     checkpoint = {

@@ -19,9 +19,7 @@ from torch import nn
 
 from .batches import make_batches
 from .devices import device_of
-from .memory import reusing
-from .optim import adamw, param_groups, release
-from .precision import matmuls_in
+from .optim import adamw, param_groups
 from .step import train_step
 
 TIMING_STEPS = 3  # timed training steps (after one untimed step that pays for allocation and compilation)
@@ -51,13 +49,12 @@ def _sync(device: torch.device) -> None:
 
 def time_steps(
     model: nn.Module, forward: Callable, batches: Iterable, label_smoothing: float = 0.0,
-    clip_grad: float | None = None,
+    clip_grad: float | None = None, precision: str = "fp32",
 ) -> tuple[float, float]:
     """-> (seconds per training step, seconds per validation image), leaving no trace on the model.
 
-    The step timed is ``step.train_step``, the one training runs, in whatever precision the caller set
-    (``precision.matmuls_in``) and with memory reused as ``fit`` reuses it (``vitlab.memory``); the
-    validation forward is timed in float32, as validation runs.
+    The step timed is ``step.train_step``, the one training runs, in ``precision``; the validation
+    forward is timed in float32, as validation runs.
     Each timed step takes the first batch of ``batches`` afresh, so batching and augmentation count.
     The weights are restored, the gradients cleared and the random generators reset afterwards (also
     when a step raises), so the run that follows is the one it would have been without the measurement.
@@ -67,25 +64,24 @@ def time_steps(
     optimizer = adamw(param_groups(model, 0.05), lr=1e-6)  # the real update's cost, thrown away after
     was_training = model.training
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), reusing():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             model.train()
             times = []
             for _ in range(1 + TIMING_STEPS):
                 start = time.perf_counter()
                 images, labels = (t.to(device) for t in next(iter(batches)))
                 train_step(model, forward, images, labels, optimizer, label_smoothing=label_smoothing,
-                           clip_grad=clip_grad, where=lambda: "the time budget's probe step")
+                           clip_grad=clip_grad, precision=precision, where=lambda: "the time budget's probe step")
                 _sync(device)
                 times.append(time.perf_counter() - start)
             model.eval()
-            with torch.no_grad(), matmuls_in(model, "fp32"):  # validation runs in float32, whatever the steps use
+            with torch.no_grad():
                 model(images)
                 start = time.perf_counter()
                 model(images)
                 _sync(device)
                 eval_per_image = (time.perf_counter() - start) / len(labels)
     finally:  # also when a step fails (a non-finite loss): the model is left as it came
-        release(optimizer)
         model.load_state_dict(weights)
         model.zero_grad(set_to_none=True)
         model.train(was_training)

@@ -27,9 +27,8 @@ from .budget import plan_steps, probe_batches, time_steps
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .devices import device_of
 from .history import History
-from .memory import reusing
-from .optim import make_optimizer, release
-from .precision import check_precision, matmuls_in
+from .optim import make_optimizer
+from .precision import check_precision
 from .step import train_step
 
 # fit's arguments that shape the training curve: saved in its checkpoints, compared on resume. A new one
@@ -59,6 +58,7 @@ def train_one_epoch(
     *,
     label_smoothing: float = 0.0,
     clip_grad: float | None = None,
+    precision: str = "fp32",
     epoch: int = 1,
     first_step: int = 0,
     forward: Callable | None = None,
@@ -81,7 +81,8 @@ def train_one_epoch(
         step += 1
         lr = optimizer.param_groups[0]["lr"]
         value, right = train_step(model, forward, images, labels, optimizer, label_smoothing=label_smoothing,
-                                  clip_grad=clip_grad, where=lambda: f"epoch {epoch}, step {step} (lr {lr:.3g})")
+                                  clip_grad=clip_grad, precision=precision,
+                                  where=lambda: f"epoch {epoch}, step {step} (lr {lr:.3g})")
         if scheduler is not None:
             scheduler.step()
         size = len(labels)
@@ -96,26 +97,23 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 512, precision: str = "fp32") -> dict:
+def evaluate(model: nn.Module, data, batch_size: int = 512) -> dict:
     """dataset or DataLoader -> {"loss", "accuracy", "n"}: cross-entropy and accuracy over every image.
 
     Runs in eval mode (dropout and stochastic depth off) and restores the model's mode afterwards.
-    The loss is summed per image and divided by ``n``, so the batch size cannot bias it. The blocks'
-    products run in ``precision`` (``precision.matmuls_in``), float32 unless told: also when called
-    inside a block that trains in bf16, so scores never depend on where they were taken.
+    The loss is summed per image and divided by ``n``, so the batch size cannot bias it.
     """
     was_training = model.training
     model.eval()
     device = device_of(model)
     loss_sum, correct, n = 0.0, 0, 0
     try:
-        with matmuls_in(model, precision):
-            for images, labels in make_batches(data, batch_size, device=device):
-                images, labels = images.to(device), labels.to(device)
-                logits = model(images)  # (B, num_classes)
-                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-                correct += (logits.argmax(dim=-1) == labels).sum().item()
-                n += len(labels)
+        for images, labels in make_batches(data, batch_size, device=device):
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)  # (B, num_classes)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == labels).sum().item()
+            n += len(labels)
     finally:
         model.train(was_training)
     if n == 0:
@@ -263,11 +261,10 @@ def fit(
     after each epoch. ``compile=True`` trains through ``torch.compile(model)``, and leaves out each epoch's
     last, smaller batch of in-memory data so that one compiled graph serves every step. The first
     compilation takes tens of seconds on a CPU; PyTorch caches it on disk, so later runs of the same
-    model start in seconds and then step faster (see benchmarks/RESULTS.md). ``precision="bf16"`` runs the
-    blocks' Linear products of the training steps in bf16 (``vitlab.precision``; faster only where
-    ``precision.native_bf16`` holds); weights, everything else and evaluation stay float32. CPU tensors are
-    allocated by ``vitlab.memory``'s reusing allocator until fit returns. A non-finite loss raises
-    ``FloatingPointError`` naming the epoch and step.
+    model start in seconds and then step faster (see benchmarks/README.md). ``precision="bf16"`` runs the
+    training steps' forward passes under ``torch.autocast`` in bf16 (``vitlab.training.precision``; faster
+    only where ``native_bf16`` holds); weights, optimizer state and evaluation stay float32. A non-finite
+    loss raises ``FloatingPointError`` naming the epoch and step.
     """
     arguments = locals()  # fit's arguments, before any other name is bound
     if epochs is None and time_budget is None:
@@ -303,8 +300,7 @@ def fit(
             total = epochs * steps_per_epoch
     elif time_budget is not None:
         probe = probe_batches(train, batch_size, augment=augment, elastic=elastic, seed=seed, device=device)
-        with matmuls_in(model, precision):
-            step_s, eval_s = time_steps(model, forward, probe, label_smoothing, clip_grad)
+        step_s, eval_s = time_steps(model, forward, probe, label_smoothing, clip_grad, precision)
         eval_s_per_epoch = eval_s * num_images(val) if val is not None else 0.0
         total = plan_steps(time_budget - (time.perf_counter() - start), step_s, eval_s_per_epoch, steps_per_epoch)
         if epochs is not None:
@@ -348,43 +344,40 @@ def fit(
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
 
-    with reusing():  # each step reuses the buffers the one before freed (vitlab.memory)
-        try:
-            while step < total and time.perf_counter() < deadline:
-                epoch += 1
-                batches = _until(islice(train_batches, total - step), deadline)
-                with matmuls_in(model, precision):  # the training steps only: validation is float32
-                    result = train_one_epoch(model, batches, optimizer, scheduler, label_smoothing=label_smoothing,
-                                             clip_grad=clip_grad, epoch=epoch, first_step=step, forward=forward,
-                                             on_step=on_step)
-                step += result["steps"]
-                row = {"epoch": epoch, "step": step, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
-                       "n_train": result["n"]}
-                if val is not None:
-                    scores = evaluate(kept, val, eval_batch_size)
-                    row.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
-                    postfix["val_acc"] = f"{scores['accuracy']:.2%}"
-                row.update(lr=history.steps[-1]["lr"], time=elapsed())
-                history.epochs.append(row)
-                improved = val is not None and row["val_accuracy"] > best_accuracy
-                best_accuracy = max(best_accuracy, row.get("val_accuracy", -math.inf))
-                if checkpoint_dir is not None:
-                    fit_state = {"epoch": epoch, "step": step, "time": row["time"], "total_steps": total,
-                                 "generator": generator.get_state(), "aug_generator": aug_generator.get_state(),
-                                 "recipe": recipe}
-                    if average is not None:  # the file's model is the average; the raw weights are needed to resume
-                        fit_state.update(train_weights=model.state_dict(), ema_updates=average.updates)
-                    parts = dict(model=kept, optimizer=optimizer, scheduler=scheduler, history=history,
-                                 data_source=data_source, extra={"fit": fit_state})
-                    save_checkpoint(Path(checkpoint_dir) / "last.pt", **parts)
-                    if improved:
-                        save_checkpoint(Path(checkpoint_dir) / "best.pt", **parts)
-                if callback is not None:
-                    callback(history)
-        finally:
-            bar.close()
-            release(optimizer)  # the parameters stop sharing the optimizer's buffers
-            model.eval()
+    try:
+        while step < total and time.perf_counter() < deadline:
+            epoch += 1
+            batches = _until(islice(train_batches, total - step), deadline)
+            result = train_one_epoch(model, batches, optimizer, scheduler, label_smoothing=label_smoothing,
+                                     clip_grad=clip_grad, precision=precision, epoch=epoch, first_step=step,
+                                     forward=forward, on_step=on_step)
+            step += result["steps"]
+            row = {"epoch": epoch, "step": step, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
+                   "n_train": result["n"]}
+            if val is not None:
+                scores = evaluate(kept, val, eval_batch_size)
+                row.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
+                postfix["val_acc"] = f"{scores['accuracy']:.2%}"
+            row.update(lr=history.steps[-1]["lr"], time=elapsed())
+            history.epochs.append(row)
+            improved = val is not None and row["val_accuracy"] > best_accuracy
+            best_accuracy = max(best_accuracy, row.get("val_accuracy", -math.inf))
+            if checkpoint_dir is not None:
+                fit_state = {"epoch": epoch, "step": step, "time": row["time"], "total_steps": total,
+                             "generator": generator.get_state(), "aug_generator": aug_generator.get_state(),
+                             "recipe": recipe}
+                if average is not None:  # the file's model is the average; the raw weights are needed to resume
+                    fit_state.update(train_weights=model.state_dict(), ema_updates=average.updates)
+                parts = dict(model=kept, optimizer=optimizer, scheduler=scheduler, history=history,
+                             data_source=data_source, extra={"fit": fit_state})
+                save_checkpoint(Path(checkpoint_dir) / "last.pt", **parts)
+                if improved:
+                    save_checkpoint(Path(checkpoint_dir) / "best.pt", **parts)
+            if callback is not None:
+                callback(history)
+    finally:
+        bar.close()
+        model.eval()
     if kept is not model:
         model.load_state_dict(kept.state_dict())
     return history

@@ -45,11 +45,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
-from .config import check_choice
-from .devices import device_of
-from .explain import HEAD_FUSIONS, attention_rollout, cls_rollout_map, upsample_patch_map
+from ..inside.explain import HEAD_FUSIONS, attention_rollout, cls_rollout_map, upsample_patch_map
+from ..inside.record import record
+from ..model.config import check_choice
+from ..training.devices import device_of
 from .plots import figure_png
-from .record import record
 
 VIEWS = ("cls", "matrix", "query", "rollout")
 VIEW_LABELS = {
@@ -552,7 +552,7 @@ def _timm_photo_vit(name: str, weights: str | None, source: str) -> PhotoViT:
     import timm
     from timm.data import ImageNetInfo
 
-    from .interop import from_timm
+    from ..inside.interop import from_timm
 
     if weights is None:  # download through timm (the Hugging Face hub)
         peer = timm.create_model(name, pretrained=True)
@@ -575,7 +575,7 @@ def _timm_photo_vit(name: str, weights: str | None, source: str) -> PhotoViT:
 def _hf_photo_vit(repo_id: str, cache_dir) -> PhotoViT:
     from transformers import ViTForImageClassification
 
-    from .interop import from_huggingface
+    from ..inside.interop import from_huggingface
 
     peer = ViTForImageClassification.from_pretrained(repo_id, local_files_only=True, cache_dir=cache_dir)
     mean, std = IMAGENET_MEAN, IMAGENET_STD

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from matplotlib.patches import Rectangle
 
-from .attention import local_window_mask
-from .patches import patchify
+from ..model.attention import local_window_mask
+from ..model.patches import patchify
 
 __all__ = ["attention_cost", "format_bytes", "patch_grid_view", "softmax_temperature_view", "window_mask_view"]
 

@@ -27,10 +27,9 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from .batches import make_batches
-from .devices import device_of
-from .history import History
-
+from ..training.batches import make_batches
+from ..training.devices import device_of
+from ..training.history import History
 
 # --- Training curves -----------------------------------------------------------------------------
 

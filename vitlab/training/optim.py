@@ -12,8 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .embeddings import ClsToken, PositionEmbedding
-from .flat_adamw import FlatAdamW
+from ..model.embeddings import ClsToken, PositionEmbedding
 
 NO_DECAY_MODULES = (nn.LayerNorm, ClsToken, PositionEmbedding)  # every parameter of these is left undecayed
 
@@ -61,23 +60,12 @@ class WarmupCosine:
 
 
 def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
-    """param groups -> ``FlatAdamW`` where the parameters' device has a fused AdamW (CPU and CUDA do),
-    else PyTorch's plain AdamW.
-
-    The same update rule in one kernel call per group, rather than a dozen small ops (or one kernel
-    call and a step counter) per tensor: for a model of this size that saves most of the optimizer's
-    time. ``FlatAdamW`` makes each group's parameters views into one buffer; ``release`` undoes that.
-    """
-    try:
-        return FlatAdamW(groups, lr=lr)
-    except RuntimeError:  # a device without a fused AdamW kernel
-        return torch.optim.AdamW(groups, lr=lr)
-
-
-def release(optimizer: torch.optim.Optimizer) -> None:
-    """Give each parameter its own storage again if ``optimizer`` had them share one (``FlatAdamW``)."""
-    if isinstance(optimizer, FlatAdamW):
-        optimizer.unflatten()
+    """param groups -> ``torch.optim.AdamW``, fused (one kernel for every tensor's update) where the
+    parameters' device has PyTorch's fused AdamW (CPU and CUDA do), else its foreach form. The same update
+    rule either way; for a model of this size the fused step takes a fraction of the per-tensor loop's time."""
+    device = next((p.device for group in groups for p in group["params"]), torch.device("cpu"))
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=lr, fused=fused, foreach=None if fused else True)
 
 
 def make_optimizer(

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
 if TYPE_CHECKING:  # matplotlib is imported by the two plotting functions only, not by `import vitlab`
     from matplotlib.figure import Figure
 
-from .config import check_choice
-from .patches import linear_to_conv_weight
+from ..model.config import check_choice
+from ..model.patches import linear_to_conv_weight
 
 HEAD_FUSIONS = ("mean", "max", "min")
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ViTConfig, check_choice
-from .model import ViT
+from ..model.config import ViTConfig, check_choice
+from ..model.vit import ViT
 
 SOURCES = ("timm", "torchvision", "huggingface")
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import autocast
+
 
 def train_step(
     model: nn.Module,
@@ -24,18 +26,21 @@ def train_step(
     *,
     label_smoothing: float = 0.0,
     clip_grad: float | None = None,
+    precision: str = "fp32",
     where: Callable[[], str] = lambda: "this step",
 ) -> tuple[float, int]:
     """(B, C, H, W) images, (B,) labels -> (loss, correct): the batch's mean cross-entropy (with
     ``label_smoothing``) before the update, and how many of its B images the logits classified right.
 
     ``forward`` computes the (B, K) logits (``model`` itself, or a compiled ``model``); ``model``'s
-    gradients are clipped to norm ``clip_grad`` (None or 0: not clipped). A non-finite loss raises
+    gradients are clipped to norm ``clip_grad`` (None or 0: not clipped). ``precision="bf16"`` runs the
+    forward pass and the loss under ``torch.autocast`` (``vitlab.training.precision``). A non-finite loss raises
     ``FloatingPointError`` before it reaches the gradients or the weights; ``where()`` names the step
     in its message.
     """
-    logits = forward(images)  # (B, K)
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    with autocast(images.device, precision):
+        logits = forward(images)  # (B, K)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     value = loss.item()
     if not math.isfinite(value):
         raise FloatingPointError(

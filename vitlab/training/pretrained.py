@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from importlib import resources
 
+from ..model.vit import ViT
 from .checkpoint import load_checkpoint
-from .model import ViT
 
 WEIGHTS = ("weights", "mnist_vit.pt")  # inside the vitlab package
 TRAIN_COMMAND = (  # how vitlab/weights/mnist_vit.pt was made (benchmarks/RESULTS.md has its test accuracy)
