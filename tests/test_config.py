@@ -115,7 +115,7 @@ def test_sincos_needs_dim_divisible_by_four():
 @pytest.mark.parametrize("field", ["dropout", "attn_dropout", "drop_path"])
 @pytest.mark.parametrize("value", [-0.1, 1.0])
 def test_rates_must_be_in_unit_interval(field, value):
-    with pytest.raises(ValueError, match=rf"{field} must be in \[0, 1\); got {value}"):
+    with pytest.raises(ValueError, match=rf"{field} must be a number in \[0, 1\); got {value}"):
         ViTConfig(**{field: value})
 
 

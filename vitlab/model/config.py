@@ -6,6 +6,8 @@ P patch size, N tokens, D model dim, h heads, d head dim, L layers.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 POOLS = ("cls", "mean")
@@ -27,39 +29,86 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}")
 
 
+def describe_range(integer: bool = False, low=None, high=None, low_open: bool = False, high_open: bool = False) -> str:
+    """The accepted numbers in words: "an int >= 1", "a number in [0, 1)", "a finite number > 0", ..."""
+    kind = "an int" if integer else ("a number" if low is not None and high is not None else "a finite number")
+    if low is not None and high is not None:
+        return f"{kind} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{kind} {'<' if high_open else '<='} {high}"
+    return kind
+
+
+def in_range(value, integer: bool = False, low=None, high=None, low_open: bool = False, high_open: bool = False) -> bool:
+    """Whether ``value`` is a number of the kind (an int, or any finite real; never a bool) between the bounds."""
+    kind = numbers.Integral if integer else numbers.Real
+    if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return high is None or (value < high if high_open else value <= high)
+
+
+def check_range(name: str, value, integer: bool = False, low=None, high=None, low_open: bool = False,
+                high_open: bool = False, none: str | None = None) -> None:
+    """Raise ValueError naming ``name``, the accepted range and the value received, unless ``value`` is in it.
+
+    ``integer``: an int (a bool is not one); else any finite real number. ``low`` / ``high``: the bounds,
+    excluded with ``low_open`` / ``high_open``. ``none``: None is accepted too, and means this (e.g. "no clipping").
+    """
+    if value is None and none is not None:
+        return
+    if not in_range(value, integer, low, high, low_open, high_open):
+        accepted = describe_range(integer, low, high, low_open, high_open)
+        if none is not None:
+            accepted += f", or None ({none})"
+        raise ValueError(f"{name} must be {accepted}; got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    """Raise ValueError naming ``name`` and the value received unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool (True or False); got {value!r}")
+
+
 @dataclass
 class ViTConfig:
-    """Everything that defines a vitlab ViT. The defaults are an MNIST-sized model."""
+    """Everything that defines a vitlab ViT. The defaults are an MNIST-sized model.
 
-    image_size: int = 28  # side of the square input image, in pixels
-    patch_size: int = 7  # side of a square patch; image_size must be a multiple
-    in_channels: int = 1  # C: 1 for MNIST, 3 for RGB photos
-    num_classes: int = 10  # size of the classification head's output; 0: no head, the model returns (B, D) features
-    dim: int = 64  # D: width of every token
-    depth: int = 6  # L: number of encoder blocks
-    heads: int = 4  # h: attention heads; dim must be a multiple, d = dim // heads
-    mlp_dim: int = 128  # hidden width of each block's MLP
+    Each field's comment gives its accepted values; any other value raises ValueError on construction,
+    naming the field, the accepted values and the value received.
+    """
+
+    image_size: int = 28  # side of the square input image, in pixels; an int >= 1
+    patch_size: int = 7  # side of a square patch; an int >= 1 that divides image_size
+    in_channels: int = 1  # C: 1 for MNIST, 3 for RGB photos; an int >= 1
+    num_classes: int = 10  # size of the head's output, an int >= 0; 0: no head, the model returns (B, D) features
+    dim: int = 64  # D: width of every token; an int >= 1, a multiple of heads (of 4 too with sincos positions)
+    depth: int = 6  # L: number of encoder blocks; an int >= 1
+    heads: int = 4  # h: attention heads; an int >= 1 that divides dim, d = dim // heads
+    mlp_dim: int = 128  # hidden width of each block's MLP; an int >= 1
     pool: str = "cls"  # "cls": the CLS token's output; "mean": mean of the patch tokens
     pos_embed: str = "learned"  # "learned" | "sincos" (2-D, fixed) | "none"
     norm: str = "pre"  # "pre": ViT block (norm inside the residual); "post": original Transformer
     final_norm: str = "tokens"  # "tokens": the last LayerNorm acts on each token; "pooled": on the pooled one (fc_norm)
     patch_embed: str = "linear"  # "linear": Linear on flattened patches | "conv": Conv2d(k=s=P); same function
-    dropout: float = 0.0  # dropout on embeddings, attention output and MLP
-    attn_dropout: float = 0.0  # dropout on the attention probabilities
-    drop_path: float = 0.0  # stochastic depth rate of the last block (0 at the first, linear between)
-    qkv_bias: bool = True  # bias in the fused q, k, v projection
-    layer_norm_eps: float = 1e-6  # LayerNorm epsilon (timm, torchvision: 1e-6; Hugging Face: 1e-12)
+    dropout: float = 0.0  # dropout on embeddings, attention output and MLP; a number in [0, 1)
+    attn_dropout: float = 0.0  # dropout on the attention probabilities; a number in [0, 1)
+    drop_path: float = 0.0  # stochastic depth rate of the last block (0 at the first, linear between); in [0, 1)
+    qkv_bias: bool = True  # bias in the fused q, k, v projection; True or False
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon, a finite number > 0 (timm, torchvision: 1e-6; Hugging Face: 1e-12)
     window: int = 0  # k > 0: each patch attends to its k x k neighbourhood only (k odd); 0: full attention
     attn_impl: str = "auto"  # "explicit" | "fused" (F.scaled_dot_product_attention) | "auto" (see fused_attention)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "in_channels", "dim", "depth", "heads", "mlp_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not in_range(value, integer=True, low=1):
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
-        value = self.num_classes
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: no head); got {value!r}")
+        if not in_range(self.num_classes, integer=True, low=0):
+            raise ValueError(f"num_classes must be an int >= 0 (0: no head); got {self.num_classes!r}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size must be divisible by patch_size: got image_size={self.image_size}, "
@@ -80,11 +129,11 @@ class ViTConfig:
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"sincos position embeddings need dim divisible by 4; got dim={self.dim}")
         for name in ("dropout", "attn_dropout", "drop_path"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1); got {value!r}")
-        if self.window < 0 or (self.window and self.window % 2 == 0):
-            raise ValueError(f"window must be 0 (full attention) or an odd k >= 1; got {self.window}")
+            check_range(name, getattr(self, name), low=0, high=1, high_open=True)
+        check_bool("qkv_bias", self.qkv_bias)
+        check_range("layer_norm_eps", self.layer_norm_eps, low=0, low_open=True)
+        if not in_range(self.window, integer=True, low=0) or (self.window and self.window % 2 == 0):
+            raise ValueError(f"window must be 0 (full attention) or an odd k >= 1; got {self.window!r}")
 
     @property
     def grid_size(self) -> int:

@@ -37,6 +37,8 @@ class ViT(nn.Module):
 
     ``ViT(config)`` or ``ViT(image_size=..., patch_size=..., ...)`` with ``ViTConfig``'s fields.
     ``forward_features`` stops at the normalised tokens (B, N, D); ``forward_head`` pools and classifies.
+    Images must be floats of the weights' dtype, float32 by default: uint8, bool, float64, float16 and
+    bfloat16 images are refused with a ValueError saying how to convert them (``check_images``), never cast.
     """
 
     def __init__(self, config: ViTConfig | None = None, **overrides) -> None:
@@ -78,12 +80,27 @@ class ViT(nn.Module):
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def check_images(self, images: torch.Tensor) -> None:
-        """Raise ValueError, before any computation, unless images are (B, C, image_size, image_size)."""
+        """Raise ValueError, before any computation, unless images are (B, C, image_size, image_size) floats
+        of the weights' dtype (float32 unless the model was converted, e.g. with ``model.double()``).
+
+        Other dtypes are refused, not cast: uint8 pixels would need a scale the model cannot guess
+        (``images.float() / 255``, or ``vitlab.training.data.normalize_batch`` for MNIST digits), and a
+        silent cast of float64 or float16 images would hide a copy or a loss of precision.
+        """
         c = self.config
         expected = f"(B, {c.in_channels}, {c.image_size}, {c.image_size})"
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"expected images of shape {expected}; got {got}")
+        dtype = self.cls_token.weight.dtype
+        if images.dtype != dtype:
+            to = "images.float()" if dtype == torch.float32 else f"images.to({dtype})"
+            if images.is_floating_point() or images.dtype == torch.bool:
+                how = f"convert with {to}"
+            else:  # pixels as integers, 0..255
+                how = (f"convert with {to} / 255 (0..255 pixels to 0..1), or with "
+                       "vitlab.training.data.normalize_batch for MNIST digits")
+            raise ValueError(f"expected images of dtype {dtype} (the model's weights'); got {images.dtype}: {how}")
         if images.shape[1] != c.in_channels:
             raise ValueError(
                 f"expected {c.in_channels} channel(s) (config.in_channels); got {images.shape[1]} in shape "
