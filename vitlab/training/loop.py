@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import make_batches, num_images
+from .batches import check_augment, make_batches, num_images
 from .budget import plan_steps, probe_batches, time_steps
-from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from ..model.config import check_bool, check_range, in_range
+from .checkpoint import check_writable, load_checkpoint, save_checkpoint, set_rng_state
 from .devices import device_of
 from .history import History
 from .optim import make_optimizer
 from .precision import check_precision
-from .step import train_step
+from .step import check_clip_grad, check_label_smoothing, train_step
 
 # fit's arguments that shape the training curve: saved in its checkpoints, compared on resume. A new one
 # goes here, and into RECIPE_ADDED with the value that older checkpoints trained with.
@@ -39,6 +40,18 @@ RECIPE_KEYS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", 
 RECIPE_ADDED = {"elastic": 0.0, "precision": "fp32"}
 EMA_DECAY = 0.999  # fit's default weight averaging (see EMA): about the last 1 / (1 - 0.999) = 1,000 steps
 EMA_WARMUP = 10  # the average's decay ramps as (1 + t) / (EMA_WARMUP + t) over its first updates, up to ``decay``
+MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32 - 1]
+
+
+def check_model(model) -> None:
+    """Raise ValueError unless ``model`` is an nn.Module (a class, a state dict or a path is not one)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, e.g. a vitlab.ViT; got a {type(model).__name__}")
+
+
+def check_seed(seed: int) -> None:
+    """Raise ValueError unless ``seed`` is an int in [0, 2**32 - 1], as every generator accepts."""
+    check_range("seed", seed, integer=True, low=0, high=MAX_SEED)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,8 +83,15 @@ def train_one_epoch(
     images, each batch weighted by its size. ``forward`` replaces ``model(images)`` (a compiled model);
     ``on_step`` gets {"step", "epoch", "loss", "lr", "n"} after each step, ``step`` counting on from
     ``first_step``. Raises ``FloatingPointError`` naming the epoch, step and value of a non-finite loss,
-    before that loss can touch the weights.
+    before that loss can touch the weights. Arguments out of range (``label_smoothing`` in [0, 1),
+    ``clip_grad`` > 0 or None, ``epoch`` >= 1, ``first_step`` >= 0) raise ValueError before any step.
     """
+    check_model(model)
+    check_label_smoothing(label_smoothing)
+    check_clip_grad(clip_grad)
+    check_precision(precision)
+    check_range("epoch", epoch, integer=True, low=1)
+    check_range("first_step", first_step, integer=True, low=0)
     model.train()
     forward = model if forward is None else forward
     device = device_of(model)
@@ -101,8 +121,11 @@ def evaluate(model: nn.Module, data, batch_size: int = 512) -> dict:
     """dataset or DataLoader -> {"loss", "accuracy", "n"}: cross-entropy and accuracy over every image.
 
     Runs in eval mode (dropout and stochastic depth off) and restores the model's mode afterwards.
-    The loss is summed per image and divided by ``n``, so the batch size cannot bias it.
+    The loss is summed per image and divided by ``n``, so the batch size cannot bias it. ``batch_size``:
+    an int >= 1.
     """
+    check_model(model)
+    check_range("batch_size", batch_size, integer=True, low=1)
     was_training = model.training
     model.eval()
     device = device_of(model)
@@ -132,8 +155,8 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay must be in (0, 1), e.g. 0.999; got {decay}")
+        if not in_range(decay, low=0, high=1, low_open=True, high_open=True):
+            raise ValueError(f"ema decay must be in (0, 1), e.g. 0.999; got {decay!r}")
         self.decay = decay
         self.updates = 0
         self.model = copy.deepcopy(model).eval()
@@ -204,13 +227,45 @@ def _recipe_warnings(saved: dict, recipe: dict) -> None:
 
 
 def _fit_state(checkpoint: dict, path) -> dict:
-    state = checkpoint["extra"].get("fit")
-    if state is None or checkpoint["optimizer"] is None or checkpoint["scheduler"] is None:
+    state = (checkpoint.get("extra") or {}).get("fit")
+    if state is None or checkpoint.get("optimizer") is None or checkpoint.get("scheduler") is None:
         raise ValueError(
             f"{path} holds no training state to resume from (no optimizer, schedule or batch order); "
             "resume from the last.pt that fit writes into checkpoint_dir"
         )
     return state
+
+
+def check_fit_arguments(arguments: dict) -> None:
+    """Raise ValueError naming the first of ``fit``'s arguments (a dict of them) that is out of range."""
+    a = arguments
+    check_model(a["model"])
+    if a["epochs"] is None and a["time_budget"] is None:
+        raise ValueError("give epochs or time_budget (seconds), or both; got neither")
+    check_range("epochs", a["epochs"], integer=True, low=1, none="no limit on epochs: time_budget decides")
+    check_range("time_budget", a["time_budget"], low=0, low_open=True, none="no time limit: epochs decides")
+    check_range("batch_size", a["batch_size"], integer=True, low=1)
+    check_range("eval_batch_size", a["eval_batch_size"], integer=True, low=1)
+    check_range("lr", a["lr"], low=0, low_open=True)
+    check_range("weight_decay", a["weight_decay"], low=0)
+    if not in_range(a["warmup"], low=0, high=1, high_open=True):
+        raise ValueError(f"warmup is a fraction of the total steps, in [0, 1); got {a['warmup']!r}")
+    check_label_smoothing(a["label_smoothing"])
+    check_clip_grad(a["clip_grad"])
+    check_bool("augment", a["augment"])
+    check_range("elastic", a["elastic"], low=0)
+    check_augment(a["augment"], a["elastic"])
+    check_range("ema", a["ema"], low=0, high=1, low_open=True, high_open=True, none="no average")
+    check_seed(a["seed"])
+    check_bool("compile", a["compile"])
+    check_bool("progress", a["progress"])
+    check_precision(a["precision"])
+    if a["callback"] is not None and not callable(a["callback"]):
+        raise ValueError(f"callback must be a callable taking the History, or None; got {a['callback']!r}")
+    if a["checkpoint_dir"] is not None:
+        check_writable(a["checkpoint_dir"], folder=True)
+    if a["resume"] is not None and not Path(a["resume"]).is_file():
+        raise ValueError(f"resume must be a checkpoint file written by fit (a last.pt); there is no file at {a['resume']}")
 
 
 def fit(
@@ -265,15 +320,17 @@ def fit(
     training steps' forward passes under ``torch.autocast`` in bf16 (``vitlab.training.precision``; faster
     only where ``native_bf16`` holds); weights, optimizer state and evaluation stay float32. A non-finite
     loss raises ``FloatingPointError`` naming the epoch and step.
+
+    Accepted values; any other raises ValueError naming the argument, its range and the value, before any
+    work: ``epochs`` an int >= 1 or None; ``time_budget`` a finite number of seconds > 0 or None;
+    ``batch_size`` and ``eval_batch_size`` ints >= 1; ``lr`` > 0; ``weight_decay`` >= 0; ``warmup`` and
+    ``label_smoothing`` in [0, 1); ``clip_grad`` > 0 or None; ``elastic`` >= 0 pixels (and 0 without
+    ``augment``); ``ema`` in (0, 1) or None; ``seed`` an int in [0, 2**32 - 1]; ``augment``, ``compile`` and
+    ``progress`` bools; ``precision`` "fp32" or "bf16"; ``callback`` a callable or None; ``checkpoint_dir``
+    a folder that can be written (created if missing); ``resume`` an existing file.
     """
     arguments = locals()  # fit's arguments, before any other name is bound
-    if epochs is None and time_budget is None:
-        raise ValueError("give epochs or time_budget (seconds), or both; got neither")
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"epochs must be >= 1; got {epochs}")
-    if time_budget is not None and time_budget <= 0:
-        raise ValueError(f"time_budget must be > 0 seconds; got {time_budget}")
-    check_precision(precision)
+    check_fit_arguments(arguments)
     start = time.perf_counter()
     recipe = {key: arguments[key] for key in RECIPE_KEYS}  # what a resume compares with the checkpoint's
     seed_everything(seed)

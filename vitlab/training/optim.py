@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from ..model.config import check_range, in_range
 from ..model.embeddings import ClsToken, PositionEmbedding
 
 NO_DECAY_MODULES = (nn.LayerNorm, ClsToken, PositionEmbedding)  # every parameter of these is left undecayed
@@ -23,8 +24,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     A parameter is left undecayed when it is 0- or 1-dimensional (biases, norm gains) or belongs directly
     to a LayerNorm, ClsToken or PositionEmbedding. Frozen parameters (requires_grad False) are left out.
     """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+    check_range("weight_decay", weight_decay, low=0)
     no_decay = set()
     for module in model.modules():
         if isinstance(module, NO_DECAY_MODULES):
@@ -45,10 +45,9 @@ class WarmupCosine:
     """
 
     def __init__(self, total_steps: int, warmup_steps: int) -> None:
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1; got {total_steps}")
-        if not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}]; got {warmup_steps}")
+        check_range("total_steps", total_steps, integer=True, low=1)
+        if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}]; got {warmup_steps!r}")
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
 
@@ -71,11 +70,13 @@ def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
 def make_optimizer(
     model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup: float
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """model -> (AdamW on ``param_groups``, LambdaLR of ``WarmupCosine``); ``warmup``: a fraction of total_steps."""
-    if not 0.0 <= warmup < 1.0:
-        raise ValueError(f"warmup is a fraction of the total steps, in [0, 1); got {warmup}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0; got {lr}")
+    """model -> (AdamW on ``param_groups``, LambdaLR of ``WarmupCosine``); ``warmup``: a fraction of total_steps.
+
+    ``lr``: a finite number > 0; ``weight_decay``: >= 0; ``total_steps``: an int >= 1; ``warmup``: in [0, 1).
+    """
+    if not in_range(warmup, low=0, high=1, high_open=True):
+        raise ValueError(f"warmup is a fraction of the total steps, in [0, 1); got {warmup!r}")
+    check_range("lr", lr, low=0, low_open=True)
     optimizer = adamw(param_groups(model, weight_decay), lr)
     schedule = WarmupCosine(total_steps, round(warmup * total_steps))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

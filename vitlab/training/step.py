@@ -14,7 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.config import check_range
 from .precision import autocast
+
+
+def check_clip_grad(clip_grad: float | None) -> None:
+    """Raise ValueError unless ``clip_grad`` is a finite number > 0 or None (no clipping).
+
+    A negative norm is not "no clipping": ``clip_grad_norm_`` would scale every gradient by a negative
+    factor, and the optimizer would climb the loss instead of descending it."""
+    check_range("clip_grad", clip_grad, low=0, low_open=True, none="no clipping")
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    """Raise ValueError unless ``label_smoothing`` is a number in [0, 1) (0: none; 1 would leave nothing to learn)."""
+    check_range("label_smoothing", label_smoothing, low=0, high=1, high_open=True)
 
 
 def train_step(
@@ -33,11 +47,12 @@ def train_step(
     ``label_smoothing``) before the update, and how many of its B images the logits classified right.
 
     ``forward`` computes the (B, K) logits (``model`` itself, or a compiled ``model``); ``model``'s
-    gradients are clipped to norm ``clip_grad`` (None or 0: not clipped). ``precision="bf16"`` runs the
+    gradients are clipped to norm ``clip_grad`` (> 0, or None: not clipped). ``precision="bf16"`` runs the
     forward pass and the loss under ``torch.autocast`` (``vitlab.training.precision``). A non-finite loss raises
     ``FloatingPointError`` before it reaches the gradients or the weights; ``where()`` names the step
     in its message.
     """
+    check_clip_grad(clip_grad)
     with autocast(images.device, precision):
         logits = forward(images)  # (B, K)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
@@ -49,7 +64,7 @@ def train_step(
         )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if clip_grad:
+    if clip_grad is not None:
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad, foreach=True)
     optimizer.step()
     correct = (logits.argmax(dim=-1) == labels).sum().item()
