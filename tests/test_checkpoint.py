@@ -131,11 +131,20 @@ def test_a_truncated_file_is_reported_as_truncated_with_its_size(tmp_path):
     save_checkpoint(path, tiny_vit())
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=rf"\({len(data) // 2} bytes\) is truncated or not a torch file"):
+    expected = rf"\({len(data) // 2} bytes\) is truncated: it starts as a torch file \(a zip archive\) but its end"
+    with pytest.raises(ValueError, match=expected):
         load_checkpoint(path)
     path.write_bytes(b"")
-    with pytest.raises(ValueError, match=r"\(0 bytes\) is truncated or not a torch file"):
+    with pytest.raises(ValueError, match=r"is empty \(0 bytes\): not a torch file"):
         load_checkpoint(path)
+
+
+def test_random_bytes_are_not_a_torch_file_and_are_not_said_to_hold_code(tmp_path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"\(1024 bytes\) is not a torch file") as info:
+        load_checkpoint(path)
+    assert "code" not in str(info.value) and "weights_only" not in str(info.value)
 
 
 def test_a_torch_file_that_is_not_a_vitlab_checkpoint_is_named_as_such(tmp_path):
@@ -153,9 +162,10 @@ def test_a_torch_file_that_is_not_a_vitlab_checkpoint_is_named_as_such(tmp_path)
 
 def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     torch.save({"format": "vitlab-checkpoint", "version": 1, "payload": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match=r"refusing to load .*_mark.*cannot run code"):
+    with pytest.raises(ValueError, match=r"evil\.pt refused: it could run code\. It holds a .*_mark object") as info:
         load_checkpoint(tmp_path / "evil.pt")
     assert CODE_RAN == []
+    assert "weights_only" not in str(info.value)  # never torch's advice to load it with weights_only=False
 
 
 def test_a_model_of_another_shape_names_each_differing_field(tmp_path):
@@ -220,6 +230,36 @@ def test_a_version_1_file_with_step_rows_loads_and_an_unknown_version_is_refused
     assert History.from_dict(checkpoint["history"]) == history
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
     torch.save({**stored, "version": 3}, tmp_path / "v3.pt")
-    expected = r"v3\.pt is a vitlab checkpoint of version 3; this vitlab reads versions \[1, 2\]"
+    expected = r"v3\.pt is a vitlab checkpoint of unknown version 3; this vitlab reads versions \[1, 2\]"
     with pytest.raises(ValueError, match=expected):
         load_checkpoint(tmp_path / "v3.pt")
+
+
+@pytest.mark.parametrize("field", ["config", "model"])
+def test_a_vitlab_checkpoint_without_a_field_names_it(tmp_path, field):
+    save_checkpoint(tmp_path / "c.pt", tiny_vit())
+    stored = torch.load(tmp_path / "c.pt", weights_only=True)
+    del stored[field]
+    torch.save(stored, tmp_path / "cut.pt")
+    with pytest.raises(ValueError, match=rf"cut\.pt is a vitlab checkpoint without its '{field}' field \(missing\)"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_weights_that_do_not_fit_the_stored_config_are_named(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", tiny_vit())
+    stored = torch.load(tmp_path / "c.pt", weights_only=True)
+    del stored["model"]["head.bias"]
+    torch.save(stored, tmp_path / "cut.pt")
+    with pytest.raises(ValueError, match=r"weights do not fit its config: .*head\.bias"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_checkpoint_gets_the_permissions_the_umask_gives_a_new_file(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "c.pt", tiny_vit())
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert os.listdir(tmp_path) == ["c.pt"]  # written atomically: no temporary file left

@@ -8,6 +8,12 @@ Version 2 stores the history's step rows as columns; version 1 files, with step 
 
 Reading uses ``torch.load(weights_only=True)``: a file that holds anything but tensors and plain
 containers (a pickled class, a function) is refused, so a downloaded checkpoint cannot run code.
+Every other bad file gets its own error, saying what the file is: empty, truncated, not a torch file
+(with its size in bytes), a torch file that is not a vitlab checkpoint, a vitlab checkpoint without a
+field it needs, or one of a version this vitlab does not read.
+
+Files are written with the permissions the umask gives any new file (``0o666 & ~umask``, e.g. 0644), so
+that a shared course folder can read them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import os
 import pickle
 import random
 import re
+import secrets
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +38,8 @@ from .history import History
 FORMAT = "vitlab-checkpoint"
 VERSION = 2  # what save_checkpoint writes
 READS = (1, 2)  # what load_checkpoint accepts: 1 differs only in its history's step rows
+REQUIRED = ("config", "model")  # the fields every version holds and load_checkpoint needs
+ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a zip archive, which is what torch.save writes
 # Config fields that change no weight: a model may differ from its checkpoint in these (e.g. fine-tuning
 # with another dropout). Every other field must match.
 RUNTIME_FIELDS = ("dropout", "attn_dropout", "drop_path", "attn_impl")
@@ -100,7 +110,10 @@ def save_checkpoint(
         "extra": extra if extra is not None else {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # os.open with mode 0o666 lets the umask decide the permissions, as for any new file (mkstemp's 0o600
+    # would hide the checkpoint from everyone else); O_EXCL makes sure the temporary name is ours alone.
+    temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(handle, "wb") as f:
             torch.save(checkpoint, f)
@@ -108,43 +121,94 @@ def save_checkpoint(
             os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     return path
 
 
+def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
+    """Raise ValueError unless a file (``folder=False``) or a folder of files can be written at ``path``.
+
+    Run before training, so that a bad output path fails in a second rather than after the run. A missing
+    folder counts as writable when the nearest folder above it is (it will be created); a test file is
+    made and removed there, so a read-only disk is caught whoever runs it."""
+    path = Path(path)
+    what = "folder" if folder else "file"
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"cannot write checkpoints into {path}: it is a file, expected a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"cannot write a checkpoint to {path}: it is a folder, expected a file name such as model.pt")
+    existing = path if folder else path.parent
+    existing = existing.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write the {what} {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write the {what} {path}: the folder {existing} is not writable ({err.strerror})") from err
+    return path
+
+
+def _describe_bytes(path: Path) -> str:
+    head = path.open("rb").read(8)
+    return f"it starts with {head!r}" if head else "it is empty"
+
+
 def _read(path: Path, map_location) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
+        what = "a folder" if path.is_dir() else "nothing"
+        raise FileNotFoundError(f"no checkpoint file at {path}: there is {what} there")
     size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a torch file")
+    with path.open("rb") as f:
+        is_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    if is_zip and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} ({size} bytes) is truncated: it starts as a torch file (a zip archive) but its end is missing"
+        )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
-            raise ValueError(f"{path} ({size} bytes) is truncated or not a torch file: {err}") from err
+        # torch's message advises loading with weights_only=False, which is exactly what must not be done
+        # with a file of unknown origin: it is never passed on. Only a GLOBAL (a class or a function to
+        # import and call) is a sign of code; anything else the unpickler cannot parse is not a torch file.
         found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f"a {found.group(1)} object" if found else "objects other than tensors and plain containers"
+        if found is None:
+            raise ValueError(
+                f"{path} ({size} bytes) is not a torch file: torch.load cannot parse it ({_describe_bytes(path)})"
+            ) from None
         raise ValueError(
-            f"refusing to load {path}: it holds {what}, and vitlab loads only tensors and plain containers "
-            "(torch.load with weights_only=True) so that a checkpoint cannot run code"
-        ) from err
+            f"{path} refused: it could run code. It holds a {found.group(1).rstrip('.,;:')} object, and vitlab "
+            "loads only tensors, numbers, strings and plain containers from a checkpoint"
+        ) from None
     except Exception as err:  # torch reports a cut or foreign file as EOFError, RuntimeError, OSError, KeyError...
-        raise ValueError(
-            f"{path} ({size} bytes) is truncated or not a torch file: {type(err).__name__}: {str(err)[:200]}"
-        ) from err
+        kind = "a zip archive that torch.save did not write" if is_zip else _describe_bytes(path)
+        raise ValueError(f"{path} ({size} bytes) is not a torch file: {kind} ({type(err).__name__})") from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not a vitlab checkpoint: expected a dict, found a {type(checkpoint).__name__}")
+        raise ValueError(
+            f"{path} is a torch file but not a vitlab checkpoint: expected a dict, found a {type(checkpoint).__name__}"
+        )
     if checkpoint.get("format") != FORMAT:
         if "format" in checkpoint:
             found = f"format tag {checkpoint['format']!r}"
         else:
-            found = f"keys {sorted(map(str, checkpoint))}"
-        raise ValueError(f"{path} is not a vitlab checkpoint: expected format {FORMAT!r}, found {found}")
+            found = f"keys {sorted(map(str, checkpoint))[:20]}"
+        raise ValueError(
+            f"{path} is a torch file but not a vitlab checkpoint: expected format {FORMAT!r}, found {found}"
+        )
     if checkpoint.get("version") not in READS:
         raise ValueError(
-            f"{path} is a vitlab checkpoint of version {checkpoint.get('version')!r}; "
+            f"{path} is a vitlab checkpoint of unknown version {checkpoint.get('version')!r}; "
             f"this vitlab reads versions {list(READS)}"
         )
+    for field in REQUIRED:
+        if not isinstance(checkpoint.get(field), dict):
+            found = "missing" if field not in checkpoint else f"a {type(checkpoint[field]).__name__}, not a dict"
+            raise ValueError(f"{path} is a vitlab checkpoint without its {field!r} field ({found})")
     return checkpoint
 
 
@@ -172,20 +236,30 @@ def load_checkpoint(
     """file -> (model, checkpoint dict): the weights loaded into ``model``, or into a ViT built from the stored config.
 
     ``optimizer`` and ``scheduler``, when given, get their stored state. Raises ``FileNotFoundError`` for
-    a missing file and ``ValueError`` for a truncated or non-torch file (with its size), a file that is
-    not a vitlab checkpoint (naming its format tag or keys), a file holding code, a ``model`` whose config
-    differs (naming each field: model vs checkpoint), or a missing optimizer/scheduler state. The global
+    a missing file and ``ValueError`` for an empty, truncated or non-torch file (with its size), a torch
+    file that is not a vitlab checkpoint (naming its format tag or keys), an unknown version (naming the
+    versions read), a missing field (naming it), a file holding objects other than tensors ("refused: it
+    could run code"), a ``model`` whose config differs (naming each field: model vs checkpoint), or a
+    missing optimizer/scheduler state. The global
     random generators are not touched; ``set_rng_state(checkpoint["rng"])`` restores them.
     """
     path = Path(path)
     checkpoint = _read(path, map_location)
     if model is None:
-        model = ViT(ViTConfig.from_dict(checkpoint["config"]))
+        try:
+            config = ViTConfig.from_dict(checkpoint["config"])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path} is a vitlab checkpoint whose 'config' field is not a valid ViTConfig: {err}") from None
+        model = ViT(config)
     else:
         differences = config_differences(_vit_config(model), checkpoint["config"])
         if differences:
             raise ValueError(f"{path} was saved from a different model: " + "; ".join(differences))
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:  # missing, unexpected or mis-shaped weights, listed by load_state_dict
+        details = " ".join(str(err).split("\n\t", 1)[-1].split())
+        raise ValueError(f"{path} is a vitlab checkpoint whose weights do not fit its config: {details}") from None
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         if target is None:
             continue
