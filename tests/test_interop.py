@@ -160,6 +160,9 @@ def test_timm_variants_vitlab_can_represent(kwargs, field, value):
         (dict(img_size=(32, 48)), "img_size=(32, 48)"),
         (dict(act_layer="gelu_tanh"), "act_layer=GELUTanh"),
         (dict(final_norm=False), "norm=Identity"),
+        (dict(proj_bias=False), "proj_bias=False (blocks.0.attn.proj has no bias)"),
+        (dict(norm_layer=partial(nn.LayerNorm, bias=False)), "a LayerNorm without a gain or a bias (blocks.0.norm1)"),
+        (dict(scale_attn_norm=True), "scale_attn_norm (blocks.0.attn.norm is a LayerNorm)"),
     ],
 )
 def test_timm_feature_vitlab_lacks_is_named(kwargs, message):
@@ -263,8 +266,10 @@ def test_huggingface_vit_model_with_a_pooler_is_refused():
     pooler = "huggingface model uses a pooler (ViTModel's add_pooling_layer=True"
     with pytest.raises(ValueError, match=re.escape(pooler)):
         from_huggingface(huggingface_encoder(add_pooling_layer=True))
-    with pytest.raises(ValueError, match=r"unexpected keys \['vit.pooler.dense.bias', 'vit.pooler.dense.weight'\]"):
+    named = "the huggingface model uses a pooler, a Linear and tanh on the CLS token (Hugging Face add_pooling_layer"
+    with pytest.raises(ValueError, match=re.escape(named)) as info:
         from_state_dict(huggingface_encoder(add_pooling_layer=True).state_dict(), "huggingface", heads=4)
+    assert "unexpected keys" not in str(info.value)  # a recognised feature is named, not listed key by key
 
 
 # --- from_state_dict ------------------------------------------------------------------------------
@@ -307,7 +312,7 @@ def test_from_state_dict_names_an_unknown_source():
 @pytest.mark.parametrize(
     "source, key",
     [
-        ("timm", "blocks.1.mlp.fc2.bias"),
+        ("timm", "blocks.1.mlp.fc2.weight"),
         ("torchvision", "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"),
         ("huggingface", "vit.layers.1.attention.k_proj.weight"),
         ("huggingface", "classifier.bias"),
@@ -324,9 +329,21 @@ def test_a_missing_key_is_named(source, key):
 
 def test_an_unexpected_key_is_named():
     peer = timm_vit()
-    weights = {**peer.state_dict(), "blocks.0.ls1.gamma": torch.ones(64)}
-    with pytest.raises(ValueError, match=re.escape("missing keys []; unexpected keys ['blocks.0.ls1.gamma']")):
+    weights = {**peer.state_dict(), "blocks.0.mystery.weight": torch.ones(64)}
+    with pytest.raises(ValueError, match=re.escape("missing keys []; unexpected keys ['blocks.0.mystery.weight']")):
         from_state_dict(weights, "timm", heads=4)
+
+
+def test_a_recognised_feature_is_named_and_only_the_rest_is_listed_by_key():
+    peer = timm_vit(init_values=1e-5)
+    weights = {**peer.state_dict(), "blocks.0.mystery.weight": torch.ones(64)}
+    with pytest.raises(ValueError) as info:
+        from_state_dict(weights, "timm", heads=4)
+    message = str(info.value)
+    assert "the timm model uses LayerScale, a learned gain on each residual branch (timm init_values) " \
+           "(e.g. 'blocks.0.ls1.gamma', 4 weight(s))" in message
+    assert message.endswith("; other missing keys []; unexpected keys ['blocks.0.mystery.weight']")
+    assert "ls2" not in message  # the feature's keys are not listed one by one
 
 
 @pytest.mark.parametrize(
@@ -366,3 +383,31 @@ def test_old_huggingface_and_torchvision_key_names_are_accepted():
             weights[key] = value
         assert set(weights) != set(peer.state_dict())  # the renaming did rename
         assert_same_logits(peer, from_state_dict(weights, source, heads=4), images())
+
+
+@pytest.mark.parametrize(
+    "kwargs, feature",
+    [
+        (dict(init_values=1e-5), "LayerScale, a learned gain on each residual branch (timm init_values)"),
+        (dict(reg_tokens=4), "register tokens (timm reg_tokens)"),
+        (dict(qk_norm=True), "qk-norm, a norm on the queries and the keys (timm qk_norm)"),
+        (dict(proj_bias=False), "an attention output projection without bias (timm proj_bias=False) "
+                                "(no 'blocks.0.attn.proj.bias', 2 weight(s))"),
+        (dict(scale_mlp_norm=True), "a norm inside the MLP (timm scale_mlp_norm)"),
+        (dict(global_pool="map"), "attention pooling (timm global_pool='map')"),
+    ],
+)
+def test_from_state_dict_names_the_feature_that_timm_weights_reveal(kwargs, feature):
+    weights = timm_vit(**kwargs).state_dict()
+    with pytest.raises(ValueError, match=re.escape(f"the timm model uses {feature}")) as info:
+        from_state_dict(weights, "timm", ViTConfig(**SMALL, patch_embed="conv", pool="cls"))
+    assert "missing keys" not in str(info.value)
+
+
+def test_huggingface_mask_token_is_named():
+    transformers = pytest.importorskip("transformers")
+    peer = randomise(transformers.ViTModel(huggingface_config(), add_pooling_layer=False, use_mask_token=True))
+    with pytest.raises(ValueError, match=re.escape("huggingface model uses a mask token (use_mask_token=True)")):
+        from_huggingface(peer)
+    with pytest.raises(ValueError, match=re.escape("a mask token (Hugging Face use_mask_token=True)")):
+        from_state_dict(peer.state_dict(), "huggingface", heads=4)

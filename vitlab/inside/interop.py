@@ -9,9 +9,12 @@ The three libraries build the same network under different names. Converting one
 1. a table per library maps each vitlab weight name to the peer's (a tuple of peer names is
    concatenated, as Hugging Face's separate q, k, v Linears become vitlab's one qkv);
 2. a ``ViTConfig`` is read off the peer model, with a ValueError for any feature vitlab cannot
-   represent (LayerScale, register tokens, ...): converting it anyway would give other logits;
+   represent (LayerScale, register tokens, qk-norm, a projection without bias, ...): converting it
+   anyway would give other logits;
 3. a fresh ``ViT`` loads the renamed weights with ``strict=True``, so no weight is left behind or
-   left random, and a wrong shape names its key.
+   left random, and a wrong shape names its key. Weights left over or missing are named by the
+   feature they belong to where it is recognisable (``KNOWN_EXTRA_WEIGHTS``,
+   ``KNOWN_MISSING_WEIGHTS``), and listed key by key only where it is not.
 
 ``from_state_dict`` converts a bare state dict (a checkpoint file), reading what it can of the
 config off the weight shapes.
@@ -123,6 +126,61 @@ _OLD_NAMES = {
         (r"\.output\.dense\.", ".mlp.fc2."),
     ],
 }
+
+# Peer weights that belong to a feature vitlab has no place for: pattern on the peer key -> the feature.
+KNOWN_EXTRA_WEIGHTS = [
+    (r"\.ls[12]\.(gamma|weight)$", "LayerScale, a learned gain on each residual branch (timm init_values)"),
+    (r"(^|\.)reg_token$", "register tokens (timm reg_tokens)"),
+    (r"\.attn\.[qk]_norm\.", "qk-norm, a norm on the queries and the keys (timm qk_norm)"),
+    (r"\.attn\.norm\.", "a norm inside the attention (timm scale_attn_norm)"),
+    (r"\.mlp\.norm\.", "a norm inside the MLP (timm scale_mlp_norm)"),
+    (r"^norm_pre\.", "a norm before the blocks (timm pre_norm=True)"),
+    (r"^attn_pool\.", "attention pooling (timm global_pool='map')"),
+    (r"\.mlp\.fc1_[gx]\.", "a gated MLP (timm SwiGLU)"),
+    (r"pooler\.dense\.", "a pooler, a Linear and tanh on the CLS token (Hugging Face add_pooling_layer=True)"),
+    (r"mask_token$", "a mask token (Hugging Face use_mask_token=True)"),
+    (r"^heads\.pre_logits\.", "a pre-logits layer (torchvision representation_size)"),
+    (r"^conv_proj\.conv_", "a convolutional stem (torchvision conv_stem_configs)"),
+]
+# vitlab weights that a peer may lack: pattern on the vitlab key -> the feature the peer has instead.
+KNOWN_MISSING_WEIGHTS = [
+    (r"\.attn\.proj\.bias$", "an attention output projection without bias (timm proj_bias=False)"),
+    (r"\.mlp\.fc[12]\.bias$", "an MLP without biases"),
+    (r"^patch_embed\.proj\.bias$", "a patch embedding without bias"),
+    (r"(^|\.)norm[12]?\.bias$", "LayerNorms without bias"),
+    (r"(^|\.)norm[12]?\.weight$", "LayerNorms without a learned gain (elementwise_affine=False)"),
+    (r"^cls_token\.weight$", "no class token"),
+]
+
+
+def _features(keys: list[str], table: list[tuple[str, str]]) -> tuple[dict[str, list[str]], list[str]]:
+    """keys -> ({feature: its keys}, the keys that belong to no feature of ``table``)."""
+    found, unknown = {}, []
+    for key in keys:
+        feature = next((name for pattern, name in table if re.search(pattern, key)), None)
+        if feature is None:
+            unknown.append(key)
+        else:
+            found.setdefault(feature, []).append(key)
+    return found, unknown
+
+
+def _mismatch_message(source: str, missing: list[tuple[str, str]], unexpected: list[str]) -> str:
+    """(vitlab key, peer key) pairs with no peer weight, and peer keys with no place -> the error's text:
+    every recognised feature by name (one key as an example), then the keys of anything else."""
+    lacking, unknown_missing = _features([mine for mine, _ in missing], KNOWN_MISSING_WEIGHTS)
+    extra, unknown_extra = _features(unexpected, KNOWN_EXTRA_WEIGHTS)
+    peer_name = dict(missing)
+    parts = [f"{feature} (e.g. {keys[0]!r}, {len(keys)} weight(s))" for feature, keys in extra.items()]
+    parts += [f"{feature} (no {peer_name[keys[0]]!r}, {len(keys)} weight(s))" for feature, keys in lacking.items()]
+    text = f"cannot map the {source} weights onto a vitlab ViT"
+    if parts:
+        text += f": the {source} model uses " + "; ".join(parts) + ", which vitlab does not support"
+    if unknown_missing or unknown_extra or not parts:
+        keys = f"missing keys {[peer_name[k] for k in unknown_missing]}; unexpected keys {sorted(unknown_extra)}"
+        text += ("; other " if parts else ": ") + keys
+    return text
+
 
 # What each library uses when its config says nothing (from_state_dict cannot see it in the weights).
 _DEFAULT_EPS = {"timm": 1e-6, "torchvision": 1e-6, "huggingface": 1e-12}
@@ -260,13 +318,24 @@ def _timm_config(model) -> ViTConfig:
                      f"nothing at {path}")
         attn, mlp = block.attn, block.mlp
         _require(type(attn) is Attention, src, f"attn_layer={_name(attn)}", "timm's Attention")
+        _require(attn.proj.bias is not None, src, f"proj_bias=False (blocks.{i}.attn.proj has no bias)",
+                 "an attention output projection with a bias")
         _require(getattr(attn, "gate", None) is None, src, f"a gated attention in blocks.{i}", "ungated attention")
         _require(attn.head_dim * attn.num_heads == model.embed_dim, src, f"attn_head_dim={attn.head_dim}",
                  f"embed_dim // num_heads = {model.embed_dim // attn.num_heads}")
         _require(type(mlp) is Mlp, src, f"mlp_layer={_name(mlp)}", "timm's Mlp")
         _require(_is_exact_gelu(mlp.act), src, f"act_layer={_name(mlp.act)}", "exact (erf) GELU")
+        for name in ("fc1", "fc2"):
+            _require(getattr(mlp, name).bias is not None, src, f"an MLP without bias (blocks.{i}.mlp.{name})",
+                     "biases in both of the MLP's Linears")
         for norm in (block.norm1, block.norm2):
             _require(isinstance(norm, nn.LayerNorm), src, f"norm_layer={_name(norm)}", "LayerNorm")
+    _require(embed.proj.bias is not None, src, "a patch embedding without bias (patch_embed.proj)",
+             "a patch embedding with a bias")
+    for name, norm in model.named_modules():
+        if isinstance(norm, nn.LayerNorm):
+            _require(norm.weight is not None and norm.bias is not None, src,
+                     f"a LayerNorm without a gain or a bias ({name})", "LayerNorms with both")
 
     blocks = list(model.blocks)
     return ViTConfig(
@@ -330,6 +399,9 @@ def _huggingface_config(model) -> ViTConfig:
                  "a ViTModel built or loaded with add_pooling_layer=False")
     else:
         _require_type(model, ViTForImageClassification)
+    embeddings = model.embeddings if headless else model.vit.embeddings
+    _require(getattr(embeddings, "mask_token", None) is None, src, "a mask token (use_mask_token=True)",
+             "no mask token")
     c = model.config
     _require(c.hidden_act == "gelu", src, f"hidden_act={c.hidden_act!r}", "'gelu' (exact, erf)")
     image_size, patch_size = _side(c.image_size), _side(c.patch_size)
@@ -362,34 +434,30 @@ def _huggingface_config(model) -> ViTConfig:
 def _convert(state_dict: dict, source: str, config: ViTConfig) -> ViT:
     """Peer state dict + ViTConfig -> vitlab ViT (eval mode, float32, CPU) holding those weights.
 
-    Raises ValueError naming every missing and unexpected peer key, or the first key whose shape
-    does not fit ``config``.
+    Raises ValueError naming every feature that the missing or unexpected peer keys reveal (and the
+    keys of anything unrecognised), or the first key whose shape does not fit ``config``.
     """
     state_dict = _rename_old(state_dict, source)
     names = _names(source, config.final_norm)
     vit = ViT(replace(config, patch_embed="conv"))  # every peer stores a Conv2d patch weight (D, C, P, P)
-    weights, missing, used = {}, [], set()
-    for key, target in vit.state_dict().items():
-        sources = _source_names(key, names)
-        used.update(sources)
-        absent = [s for s in sources if s not in state_dict]
-        if absent:
-            missing += absent
-            continue
-        parts = [state_dict[s] for s in sources]
+    targets = vit.state_dict()
+    sources = {key: _source_names(key, names) for key in targets}
+    # Missing and unexpected keys first: a feature they reveal (register tokens) may also change a shape.
+    missing = [(key, name) for key, peer in sources.items() for name in peer if name not in state_dict]
+    unexpected = sorted(set(state_dict) - {name for peer in sources.values() for name in peer})
+    if missing or unexpected:
+        raise ValueError(_mismatch_message(source, missing, unexpected))
+    weights = {}
+    for key, target in targets.items():
+        parts = [state_dict[s] for s in sources[key]]
         part_shape = (target.shape[0] // len(parts), *target.shape[1:])  # q, k and v each hold a third
-        for name, part in zip(sources, parts):
+        for name, part in zip(sources[key], parts):
             if tuple(part.shape) != part_shape:
                 raise ValueError(
                     f"{source} weight {name!r} (vitlab's {key}) has the wrong shape: expected {part_shape}; "
                     f"got {tuple(part.shape)}"
                 )
         weights[key] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    unexpected = sorted(set(state_dict) - used)
-    if missing or unexpected:
-        raise ValueError(
-            f"cannot map the {source} weights onto a vitlab ViT: missing keys {missing}; unexpected keys {unexpected}"
-        )
     vit.load_state_dict(weights, strict=True)
     return vit.eval()
 
