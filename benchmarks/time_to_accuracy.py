@@ -5,12 +5,12 @@ Two recipes, trained for each seed on all 5,000 images of ``load_mnist(source="m
 - ``vitlab``: vitlab's recipe for a time budget, ``BUDGET_RECIPE``: ``fit``'s defaults and ``ViTConfig()``'s
   (AdamW, warmup then cosine, label smoothing, clipping, batched random affine, the EMA of the weights)
   with four blocks instead of six, a peak learning rate of 5e-3 instead of 2e-3, the mean of the patch tokens
-  classified instead of the CLS token, a 1-px elastic warp added to the affine, compiled steps, and the blocks'
-  Linear products in bf16 where the CPU multiplies bf16 natively (``vitlab.training.precision``); the recipe of
+  classified instead of the CLS token, a 1-px elastic warp added to the affine, compiled steps, and bf16
+  products (``torch.autocast``, ``vitlab.training.precision``) where the CPU multiplies bf16 natively; the recipe of
   ``python -m vitlab.train --depth 4 --lr 5e-3 --pool mean --elastic 1.0 --compile [--precision bf16]
   --time-budget T`` (which plans its cosine once, at the start,
   where this benchmark re-plans it every epoch). It is built from the
-  pieces ``fit`` uses (``make_batches``, ``make_optimizer``, ``train_one_epoch``, ``EMA``, ``memory.reusing``) and
+  pieces ``fit`` uses (``make_batches``, ``make_optimizer``, ``train_one_epoch``, ``EMA``) and
   trains through ``torch.compile`` as ``fit(compile=True)`` does; the model is compiled once before any clock starts, so
   that each run's own compilation (on its clock) loads PyTorch's on-disk cache, as every run after the
   first on a machine does. ``--set`` changes any of it (``--set depth=6 lr=2e-3 pool=cls elastic=0.0
@@ -38,6 +38,14 @@ the machine's pace moves from hour to hour, so two runs of the benchmark compare
     python benchmarks/time_to_accuracy.py --test-dir ../shared/data/mnist --seeds 0 1 2
     python benchmarks/time_to_accuracy.py --test-dir ../shared/data/mnist --budget 20 --checkpoints 5 10 20 --seeds 0
 
+Accuracy at fixed step counts does not depend on the machine's pace: ``--steps 1000 2500 5000`` trains
+vitlab's recipe with ``fit(epochs=E, seed=s)`` for each count, E the whole epochs that reach it (39
+steps each: 1,000 -> 26 epochs, 1,014 steps), its cosine ending at the last step, and prints for each
+seed the steps, the test accuracy and the seconds, then the table of means. The budget recipe is fixed
+there; ``--set`` still changes it.
+
+    python benchmarks/time_to_accuracy.py --test-dir ../shared/data/mnist --steps 1000 2500 5000 --seeds 0 1 2
+
 Tuning must not look at the test set: ``--val-split S`` trains on 4,500 images and scores the 500
 others of the seeded split S instead, and ``--set`` changes vitlab's recipe for that run, e.g.
 ``--val-split 1 --recipes vitlab --set dim=96 mlp_dim=192 ema=0.998``.
@@ -50,11 +58,12 @@ import ast
 import dataclasses
 import inspect
 import statistics
+import json
+import math
 import time
 from itertools import chain
 
 import torch
-from vitlab.memory import reusing
 
 from vitlab import ViT, ViTConfig
 from vitlab.training.batches import make_batches
@@ -62,7 +71,7 @@ from vitlab.training.budget import plan_steps, probe_batches, time_steps
 from vitlab.training.data import DigitDataset, load_mnist, read_mnist_idx
 from vitlab.training.loop import EMA, RECIPE_KEYS, evaluate, fit, seed_everything, train_one_epoch
 from vitlab.training.optim import make_optimizer
-from vitlab.training.precision import matmuls_in, native_bf16
+from vitlab.training.precision import native_bf16
 
 RECIPES = ("vitlab", "seed")
 RUNS = ("per-checkpoint", "one")
@@ -74,7 +83,7 @@ SEED_LR, SEED_BATCH = 1e-5, 4
 # vitlab's recipe for a time budget: the defaults of ViTConfig and fit with these changed, chosen on
 # validation splits (benchmarks/RESULTS.md). Four blocks take about 45% more steps than six in the
 # same time, and stand a higher learning rate; compiled steps are faster still, and so are bf16
-# products where the CPU multiplies bf16 natively (at a fixed number of steps they scored as fp32 did).
+# products (autocast) where the CPU multiplies bf16 natively.
 # The head classifies the mean of the patch tokens: at the steps of a 60-s run that scored higher on
 # all five validation splits tried, and at those of a 300-s run it tied. A 1-px elastic warp on top
 # of the random affine costs about 5% of the steps and scored higher on 4 of 5 splits at the steps
@@ -156,8 +165,7 @@ def run_vitlab(train, test, budget: float, times: list[float], seed: int, overri
     clock = Clock()
     forward = torch.compile(model) if s["compile"] else model  # compiled in the probe's first step, on the clock
     probe = probe_batches(train, s["batch_size"], augment=s["augment"], elastic=s["elastic"], seed=seed)
-    with matmuls_in(model, s["precision"]):
-        step_s, _ = time_steps(model, forward, probe, s["label_smoothing"], s["clip_grad"])
+    step_s, _ = time_steps(model, forward, probe, s["label_smoothing"], s["clip_grad"], s["precision"])
     total = plan_steps(budget - clock(), step_s, 0.0, len(batches))
     optimizer, scheduler = make_optimizer(model, s["lr"], s["weight_decay"], total, s["warmup"])
     schedule = scheduler.lr_lambdas[0]  # WarmupCosine: its total_steps is re-planned every epoch
@@ -171,16 +179,14 @@ def run_vitlab(train, test, budget: float, times: list[float], seed: int, overri
         checkpoints(row["step"])
 
     step, epoch = 0, 0
-    with reusing():  # as in fit: each step reuses the buffers the one before freed (vitlab.memory)
-        while clock() < budget and (epoch_batches := _epoch(batches, clock, budget)) is not None:
-            epoch += 1
-            with matmuls_in(model, s["precision"]):  # as in fit: the training steps only
-                result = train_one_epoch(model, epoch_batches, optimizer, scheduler,
-                                         label_smoothing=s["label_smoothing"], clip_grad=s["clip_grad"], epoch=epoch,
-                                         first_step=step, forward=forward, on_step=on_step)
-            step += result["steps"]
-            pace = clock() / step  # seconds per step so far, the probe included
-            schedule.total_steps = max(step + int((budget - clock()) / pace), step, schedule.warmup_steps)
+    while clock() < budget and (epoch_batches := _epoch(batches, clock, budget)) is not None:
+        epoch += 1
+        result = train_one_epoch(model, epoch_batches, optimizer, scheduler, label_smoothing=s["label_smoothing"],
+                                 clip_grad=s["clip_grad"], precision=s["precision"], epoch=epoch, first_step=step,
+                                 forward=forward, on_step=on_step)
+        step += result["steps"]
+        pace = clock() / step  # seconds per step so far, the probe included
+        schedule.total_steps = max(step + int((budget - clock()) / pace), step, schedule.warmup_steps)
     checkpoints(step, done=True)
     print(f"  vitlab seed {seed}: {step} steps ({epoch} epochs) in {clock():.0f} s, "
           f"{step / clock():.1f} steps/s", flush=True)
@@ -195,11 +201,39 @@ def warm_compile_cache(train, config: ViTConfig, s: dict) -> None:
     start = time.perf_counter()
     model = ViT(config)
     probe = probe_batches(train, s["batch_size"], augment=s["augment"], elastic=s["elastic"], seed=0)
-    with matmuls_in(model, s["precision"]):
-        time_steps(model, torch.compile(model), probe, s["label_smoothing"], s["clip_grad"])
+    time_steps(model, torch.compile(model), probe, s["label_smoothing"], s["clip_grad"], s["precision"])
     torch._dynamo.reset()  # the runs start from the on-disk cache, not from this process's memory
     print(f"compiled once to fill PyTorch's on-disk cache: {time.perf_counter() - start:.1f} s, "
           "not on any run's clock", flush=True)
+
+
+def epochs_for(steps: int, steps_per_epoch: int) -> int:
+    """-> the whole epochs that reach ``steps`` optimizer steps (at least one)."""
+    return max(1, math.ceil(steps / steps_per_epoch))
+
+
+def run_fixed_steps(train, test, epochs: int, seed: int, overrides: dict) -> dict:
+    """One run of vitlab's recipe for ``epochs`` epochs through ``fit`` -> {seed, epochs, steps, accuracy, seconds}."""
+    config, s = vitlab_recipe(overrides)
+    torch.manual_seed(seed)
+    model = ViT(config)
+    start = time.perf_counter()
+    history = fit(model, train, epochs=epochs, seed=seed, progress=False, **s)
+    seconds = time.perf_counter() - start
+    accuracy = evaluate(model, test)["accuracy"]
+    return {"seed": seed, "epochs": epochs, "steps": history.steps[-1]["step"], "accuracy": accuracy,
+            "seconds": round(seconds, 1)}
+
+
+def steps_table(rows: list[dict]) -> str:
+    """rows of ``run_fixed_steps`` -> a markdown table: by steps, the mean accuracy over seeds, then each seed."""
+    lines = ["| steps (epochs) | mean | per seed |", "|---|---|---|"]
+    for steps in sorted({row["steps"] for row in rows}):
+        same = [row for row in rows if row["steps"] == steps]
+        per_seed = " / ".join(f"{100 * row['accuracy']:.2f} (seed {row['seed']})" for row in same)
+        mean = statistics.mean(row["accuracy"] for row in same)
+        lines.append(f"| {steps:,} ({same[0]['epochs']}) | **{100 * mean:.2f}** | {per_seed} |")
+    return "\n".join(lines)
 
 
 def run_seed(train, test, budget: float, times: list[float], seed: int) -> Checkpoints:
@@ -275,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training seconds of the longest run (default 300); later checkpoints are dropped")
     parser.add_argument("--checkpoints", type=float, nargs="+", default=[30, 60, 120, 300],
                         help="training seconds at which to evaluate (default 30 60 120 300)")
+    parser.add_argument("--steps", type=int, nargs="+", metavar="N",
+                        help="instead of time budgets: train vitlab's recipe for N optimizer steps (rounded up to "
+                             "whole epochs), one run per N and seed, and report the accuracy beside the seconds")
     parser.add_argument("--runs", choices=RUNS, default="per-checkpoint",
                         help="vitlab's recipe: one run per checkpoint, each with that budget (default), "
                              "or one run for the whole budget, scored as it passes each checkpoint")
@@ -299,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         train, test = data.train, data.val
         scored = f"{len(test):,} validation images (split {args.val_split})"
     config, settings = vitlab_recipe(overrides)
+    if args.steps is not None:
+        return main_fixed_steps(args, train, test, scored, overrides)
     print(f"{len(train):,} training images, {scored}; budget {args.budget:g} s, {args.threads} threads; "
           f"vitlab: {'one run per checkpoint' if args.runs == 'per-checkpoint' else 'one run'}")
     print(f"vitlab recipe: {config}\n  {settings}")
@@ -320,6 +359,27 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, times))
     print()
     print(step_table(steps, times))
+    return 0
+
+
+def main_fixed_steps(args, train, test, scored: str, overrides: dict) -> int:
+    """``--steps``: one run of vitlab's recipe per step count and seed, printed as JSON lines, then a table."""
+    if min(args.steps) < 1:
+        raise SystemExit(f"error: --steps must be at least 1; got {min(args.steps)}")
+    config, settings = vitlab_recipe(overrides)
+    batch_size = settings["batch_size"]
+    per_epoch = len(train) // batch_size if settings["compile"] else math.ceil(len(train) / batch_size)  # fit drops
+    epochs = sorted({epochs_for(n, per_epoch) for n in args.steps})  # a last, smaller batch when compiled
+    print(f"{len(train):,} training images, {scored}; {args.threads} threads; {per_epoch} steps per epoch; "
+          f"epochs {', '.join(map(str, epochs))}")
+    print(f"vitlab recipe: {config}\n  {settings}", flush=True)
+    rows = []
+    for seed in args.seeds:
+        for e in epochs:
+            rows.append(run_fixed_steps(train, test, e, seed, overrides))
+            print(json.dumps(rows[-1]), flush=True)
+    print()
+    print(steps_table(rows))
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitlab import ViTConfig, memory
+from vitlab import ViTConfig
 from vitlab.training.precision import native_bf16
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -147,6 +147,44 @@ def test_time_to_accuracy_scores_one_run_at_each_checkpoint_with_runs_one(tta, c
     assert steps_row == f"| vitlab | {at[0]:,} | {at[1]:,} |"
 
 
+def test_epochs_for_rounds_step_counts_up_to_whole_epochs(tta):
+    assert [tta.epochs_for(n, 39) for n in (1000, 2500, 5000)] == [26, 65, 129]
+    assert [tta.epochs_for(n, 39) * 39 for n in (1014, 2496, 4992)] == [1014, 2496, 4992]  # already whole
+    assert tta.epochs_for(1, 39) == 1 and tta.epochs_for(40, 39) == 2
+
+
+def test_steps_table_gives_the_mean_over_seeds_then_each_seed(tta):
+    rows = [{"seed": 0, "epochs": 26, "steps": 1014, "accuracy": 0.944, "seconds": 30.0},
+            {"seed": 1, "epochs": 26, "steps": 1014, "accuracy": 0.939, "seconds": 31.0},
+            {"seed": 0, "epochs": 64, "steps": 2496, "accuracy": 0.976, "seconds": 70.0}]
+    assert tta.steps_table(rows).splitlines() == [
+        "| steps (epochs) | mean | per seed |",
+        "|---|---|---|",
+        "| 1,014 (26) | **94.15** | 94.40 (seed 0) / 93.90 (seed 1) |",
+        "| 2,496 (64) | **97.60** | 97.60 (seed 0) |",
+    ]
+
+
+def test_steps_mode_trains_fit_for_whole_epochs_and_repeats_to_the_image(tta, capsys):
+    argv = ["--val-split", "1", "--threads", "1", "--steps", "30", "40", "--seeds", "0",
+            "--set", "compile=False", "dim=16", "heads=2", "mlp_dim=32", "depth=1", "precision=fp32"]
+    assert tta.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "36 steps per epoch; epochs 1, 2" in out  # 4,500 images in batches of 128, the last one kept
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["seed"], r["epochs"], r["steps"]) for r in rows] == [(0, 1, 36), (0, 2, 72)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["seconds"] > 0 for r in rows)
+    assert "| 36 (1) | **" in out and "| 72 (2) | **" in out
+    tta.main(argv[:5] + ["30"] + argv[7:])  # the first run again, alone
+    again = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert again[0]["accuracy"] == rows[0]["accuracy"]  # same seed, same ops, same order: the same run
+
+
+def test_steps_mode_refuses_a_count_below_one(tta):
+    with pytest.raises(SystemExit, match="--steps must be at least 1; got 0"):
+        tta.main(["--val-split", "1", "--steps", "0"])
+
+
 # --- throughput.py -----------------------------------------------------------------------------------
 
 
@@ -174,16 +212,50 @@ def test_every_model_in_the_throughput_table_is_the_same_architecture(throughput
     assert train["vitlab"] == 3 * infer["vitlab"] - 2 * patches * patch_dim * throughput.DIM  # no input gradient
 
 
-def test_throughput_runs_end_to_end(throughput, capsys):
-    throughput.main(["--threads", "1", "--rounds", "1", "--burst", "1", "--batch", "8", "--no-compile"])
+def test_throughput_runs_end_to_end_and_reports_every_bound(throughput, capsys):
+    figures = throughput.main(["--threads", "1", "--rounds", "1", "--burst", "1", "--batch", "8", "--no-compile",
+                               "--import-runs", "1"])
     out = capsys.readouterr().out
     assert re.search(r"fp32 matmul peak \d+ GFLOP/s", out)
-    for name in ("vitlab", "vitlab (torch AdamW)", "vitlab (reused memory)", "timm", "torchvision", "vit-pytorch",
-                 "vitlab (recording)"):
-        assert re.search(rf"^{re.escape(name)} +[\d,]+ ", out, re.MULTILINE), name
-    assert re.search(r"fastest eager peer: \S+; vitlab eager \d+\.\d\dx, vitlab \(torch AdamW\) \d+\.\d\dx, "
-                     r"vitlab \(reused memory\) \d+\.\d\dx; recording costs", out)
-    assert memory.kept_bytes() == 0  # the benchmark hands back what its reused-memory steps kept
+    for name in ("vitlab", "timm", "torchvision", "vit-pytorch"):
+        assert re.search(rf"^{re.escape(name)} +205,\d\d\d +[\d,]+ ", out, re.MULTILINE), name  # a training row
+    for name in ("vitlab (recording)", "vitlab, batch 1", "vitlab (recording), batch 1"):
+        assert re.search(rf"^{re.escape(name)} +[\d,]+ +\d+\.\d\d +\d+\.\d\d$", out, re.MULTILINE), name
+    assert "compiled" not in out  # --no-compile
+    assert figures["fastest_peer"] in throughput.PEERS
+    for line in ("eager step: ", "recording at batch 8: ", "recording at batch 1: ", "import vitlab: ",
+                 "vitlab.ViT(): "):
+        assert re.search(rf"^{re.escape(line)}\d+\.\d+.* \((>=|<=|<) .*: (holds|MISSED)\)$", out, re.MULTILINE), line
+    assert 0 < figures["import"] < 60 and 0 < figures["build"] < 10
+    assert figures["recording"] > 0 and figures["recording_batch_1"] > 0 and figures["eager"] > 0
+
+
+def test_recorded_inference_reads_what_a_learner_reads(throughput, monkeypatch):
+    """The recorded pass is timed as a learner records: the model inside vitlab.record, the attentions read."""
+    from vitlab.inside.record import Recording
+
+    read = []
+    attentions = Recording.attentions
+    monkeypatch.setattr(Recording, "attentions", property(lambda rec: read.append(attentions.fget(rec).shape)))
+    model = throughput.build_vitlab()
+    throughput.infer_fn(model, torch.randn(2, 1, 28, 28), recording=True)()
+    assert read == [(2, throughput.DEPTH, throughput.HEADS, 17, 17)]
+    assert not model.training  # inference in eval mode
+    read.clear()
+    throughput.infer_fn(model, torch.randn(2, 1, 28, 28))()
+    assert read == []  # the plain pass records nothing
+
+
+def test_a_bf16_training_step_runs_under_autocast(throughput, monkeypatch):
+    seen = []
+    real = throughput.autocast
+    monkeypatch.setattr(throughput, "autocast", lambda device, precision: seen.append(precision) or real(device, precision))
+    model = throughput.build_vitlab()
+    before = [p.detach().clone() for p in model.parameters()]
+    throughput.train_step_fn(model, torch.randn(4, 1, 28, 28), torch.arange(4), precision="bf16")()
+    assert seen == ["bf16"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in fp32
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the optimizer stepped
 
 
 # --- attention_crossover.py --------------------------------------------------------------------------
@@ -195,47 +267,6 @@ def test_attention_crossover_runs_end_to_end(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [row[:2] for row in rows] == [["17", "15"], ["65", "3"]]  # tokens, batch = 256 // tokens
     assert all(float(value) > 0 for row in rows for value in row[2:])
-
-
-# --- attention_kernels.py ----------------------------------------------------------------------------
-
-
-def test_attention_kernels_runs_every_way_end_to_end_and_leaves_the_switch_as_it_was(capsys, monkeypatch):
-    import os
-
-    from vitlab import build
-
-    monkeypatch.delenv("VITLAB_KERNELS", raising=False)
-    load("attention_kernels").main(["--threads", "1", "--batch", "4", "--rounds", "1", "--burst", "1"])
-    out = capsys.readouterr().out
-    assert "VITLAB_KERNELS" not in os.environ
-    ways = ["fused, vitlab kernel", "fused, SDPA", "explicit, vitlab kernels", "explicit, PyTorch ops"]
-    if build.compiler() is not None:
-        ways.append("kernels.row_softmax")
-    for way in ways + ["torch.softmax"]:
-        assert re.search(rf"^{re.escape(way)} +\d+\.\d +\d+\.\d\d$", out, re.MULTILINE), way
-
-
-# --- amx_products.py ---------------------------------------------------------------------------------
-
-
-def test_amx_products_times_the_four_layers_both_ways(capsys):
-    from vitlab import amx, build
-
-    if build.compiler() is None or not amx.cpu_has_amx():
-        pytest.skip("needs a CPU with AMX-BF16 and a C++ compiler")
-    load("amx_products").main(["--threads", "1", "--batch", "2"])
-    out = capsys.readouterr().out
-    for layer, k, n in (("q/k/v", 64, 192), ("output projection", 64, 64), ("MLP in", 64, 128), ("MLP out", 128, 64)):
-        number = r"\d+\.\d"
-        assert re.search(rf"^{re.escape(layer)} +{k} +{n} +{number} +{number} +{number}\dx +{number} +{number} "
-                         rf"+{number}\dx$", out, re.MULTILINE), layer
-
-
-def test_amx_products_says_why_it_cannot_run(monkeypatch):
-    monkeypatch.setenv("VITLAB_KERNELS", "0")
-    with pytest.raises(SystemExit, match="vitlab's AMX products do not run here"):
-        load("amx_products").main([])
 
 
 # --- validation_sweep.py -----------------------------------------------------------------------------
