@@ -32,7 +32,7 @@ import argparse
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,7 @@ def infer_fn(model: nn.Module, batch: torch.Tensor, recording: bool = False) -> 
         with torch.inference_mode():
             with vitlab.record(model) as rec:
                 model(batch)
-            rec.attentions
+            return rec.attentions
 
     return recorded_step if recording else step
 

@@ -57,9 +57,9 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import statistics
 import json
 import math
+import statistics
 import time
 from itertools import chain
 
@@ -76,7 +76,7 @@ from vitlab.training.precision import native_bf16
 RECIPES = ("vitlab", "seed")
 RUNS = ("per-checkpoint", "one")
 FIT_KEYS = (*(key for key in RECIPE_KEYS if key != "seed"), "compile")  # --seeds sets the seed
-SEED_CONFIG = dict(dim=512, depth=1, heads=2, mlp_dim=1024, patch_size=7, norm="post")
+SEED_CONFIG = {"dim": 512, "depth": 1, "heads": 2, "mlp_dim": 1024, "patch_size": 7, "norm": "post"}
 SEED_LR, SEED_BATCH = 1e-5, 4
 
 

@@ -33,7 +33,7 @@ from vitlab.training.loop import evaluate, fit, seed_everything
 from vitlab.training.precision import native_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_accuracy import parse_overrides, vitlab_recipe  # noqa: E402  (the same --set syntax)
+from time_to_accuracy import parse_overrides, vitlab_recipe  # the same --set syntax
 
 BASE = {"compile": True, "precision": "bf16" if native_bf16() else "fp32"}
 VAL_FRACTION = 0.2
