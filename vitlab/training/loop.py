@@ -46,7 +46,7 @@ MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32 - 1]
 def check_model(model) -> None:
     """Raise ValueError unless ``model`` is an nn.Module (a class, a state dict or a path is not one)."""
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, e.g. a vitlab.ViT; got a {type(model).__name__}")
+        raise ValueError(f"model must be a torch.nn.Module, e.g. a vitlab.ViT; got {type(model).__name__}")
 
 
 def check_seed(seed: int) -> None:
@@ -341,6 +341,8 @@ def fit(
                                  elastic=elastic, aug_generator=aug_generator, device=device,
                                  drop_last=compile and num_images(train) >= batch_size)
     steps_per_epoch = len(train_batches)
+    if steps_per_epoch == 0:
+        raise ValueError(f"expected training data of at least one batch; got a {type(train).__name__} of 0 batches")
     forward = torch.compile(model) if compile else model
 
     checkpoint = None
