@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml requirements.txt
 	$(BIN)/python -m pip install -r requirements.txt
 	touch $(STAMP)
 
+# On 127.0.0.1 only; as root (as in most containers) JupyterLab refuses to start without --allow-root.
 lab: setup
-	$(BIN)/python -m jupyterlab notebooks/
+	$(BIN)/python -m jupyterlab --ServerApp.ip=127.0.0.1 $$([ "$$(id -u)" -eq 0 ] && echo --allow-root) notebooks/
 
 # VITLAB_FAST=1: the training notebook trains a few steps on a tiny subset, so nbval stays quick.
 test: setup
