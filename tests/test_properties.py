@@ -9,11 +9,14 @@
 
 import math
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from torch.testing import assert_close
 
 import vitlab
@@ -22,7 +25,9 @@ from vitlab.inside.explain import HEAD_FUSIONS, attention_rollout
 from vitlab.model.attention import check_mask, local_window_mask
 from vitlab.model.patches import patchify, unpatchify
 
-# No example database: nothing is written into the working tree, and every run draws afresh.
+# No example database, and hypothesis's caches in the temporary folder: nothing is written into the
+# working tree, and every run draws afresh.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "vitlab-hypothesis")
 SETTINGS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
