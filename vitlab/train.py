@@ -53,9 +53,11 @@ def number(integer: bool = False, low=None, high=None, low_open: bool = False, h
     return parse
 
 
-def add(group, flag: str, parse, help: str, **kwargs) -> None:
-    """``group.add_argument`` for a number flag, its accepted range appended to the help text."""
-    default = " (default %(default)s)" if kwargs.get("default") is not None else ""
+def add(group, flag: str, parse, help: str, default_text: str | None = None, **kwargs) -> None:
+    """``group.add_argument`` for a number flag, its accepted range and its default appended to the help text."""
+    if default_text is None and kwargs.get("default") is not None:
+        default_text = "%(default)s"
+    default = f" (default {default_text})" if default_text else ""
     group.add_argument(flag, type=parse, help=f"{help}; {parse.accepted}{default}", **kwargs)
 
 
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default %(default)s)")
 
     optim = parser.add_argument_group("optimisation")
-    add(optim, "--epochs", size, f"epochs (default {DEFAULT_EPOCHS} without --time-budget)")
+    add(optim, "--epochs", size, "epochs", default_text=f"{DEFAULT_EPOCHS} without --time-budget")
     add(optim, "--time-budget", number(low=0, low_open=True),
         "stop after this many seconds; the schedule is planned to fit (with --epochs: the sooner)", metavar="SECONDS")
     add(optim, "--batch-size", size, "images per step", default=128)
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(optim, "--ema", rate, "keep and save an exponential moving average of the weights with this decay, "
         "0 for none", default=EMA_DECAY, metavar="DECAY")
     add(optim, "--seed", number(integer=True, low=0, high=MAX_SEED), "seed of every generator", default=0)
-    add(optim, "--threads", size, "torch CPU threads (default: torch's choice)")
+    add(optim, "--threads", size, "torch CPU threads", default_text="torch's choice")
     optim.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, ... (default: cuda when available)")
     optim.add_argument("--compile", action="store_true",
                        help="train through torch.compile: faster steps after a one-time compilation (tens of "

@@ -153,7 +153,9 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
 
 
 def _describe_bytes(path: Path) -> str:
-    head = path.open("rb").read(8)
+    """-> "it starts with b'...'": the file's first 8 bytes, which tell a text, an image or a pickle apart."""
+    with path.open("rb") as f:
+        head = f.read(8)
     return f"it starts with {head!r}" if head else "it is empty"
 
 
@@ -185,9 +187,9 @@ def _read(path: Path, map_location) -> dict:
             f"{path} refused: it could run code. It holds a {found.group(1).rstrip('.,;:')} object, and vitlab "
             "loads only tensors, numbers, strings and plain containers from a checkpoint"
         ) from None
-    except Exception as err:  # torch reports a cut or foreign file as EOFError, RuntimeError, OSError, KeyError...
+    except Exception:  # torch reports a foreign file as EOFError, RuntimeError, OSError, KeyError, IndexError...
         kind = "a zip archive that torch.save did not write" if is_zip else _describe_bytes(path)
-        raise ValueError(f"{path} ({size} bytes) is not a torch file: {kind} ({type(err).__name__})") from None
+        raise ValueError(f"{path} ({size} bytes) is not a torch file: {kind}") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(
             f"{path} is a torch file but not a vitlab checkpoint: expected a dict, found a {type(checkpoint).__name__}"
