@@ -232,19 +232,55 @@ def test_no_mistakes():
 # --- the widget panel ------------------------------------------------------------------------------------
 
 
-def test_panel_controls_redraw_the_output():
+def test_panel_controls_redraw_the_picture():
     panel = build_panel(AttentionExplorer(*planted()))
-    assert panel.renders == 1 and panel.png.startswith(b"\x89PNG")
-    assert panel.out.layout.height == "350px"
+    assert panel.renders == 1 and panel.png.startswith(b"\x89PNG") and bytes(panel.out.value) == panel.png
+    assert bytes(panel.bars.value).startswith(b"\x89PNG")
     assert not (panel.digit.continuous_update or panel.layer.continuous_update or panel.discard.continuous_update)
     assert [value for _, value in panel.head.options] == [ALL_HEADS, 0, 1]
     changes = [(panel.layer, 2), (panel.head, 1), (panel.digit, 4), (panel.view, "query"), (panel.query, 8),
                (panel.view, "matrix"), (panel.view, "rollout"), (panel.fusion, "max"), (panel.discard, 0.4)]
     for renders, (control, value) in enumerate(changes, start=2):
-        before, png = map_arrays(panel.figure), panel.png
+        before, png = panel.shown.clone(), panel.png
         control.value = value
         assert panel.renders == renders, control
-        assert differs(before, map_arrays(panel.figure)) and panel.png != png, control
+        assert (before.shape != panel.shown.shape or differs([before.numpy()], [panel.shown.numpy()])), control
+        assert panel.png != png and bytes(panel.out.value) == panel.png, control
+
+
+def test_panel_scale_toggle_changes_the_colours_not_the_maps():
+    panel = build_panel(AttentionExplorer(*planted()), head=ALL_HEADS)
+    maps, png = panel.shown.clone(), panel.png
+    panel.scale.value = "panel"
+    assert_close(panel.shown, maps)
+    assert panel.png != png
+
+
+def test_panel_caption_gives_each_heads_cls_to_itself_share():
+    explorer = AttentionExplorer(*planted())
+    panel = build_panel(explorer, view="cls", layer=1, head=ALL_HEADS)
+    share = explorer.recorded(0).attentions[1, :, 0, 0]
+    for k in range(H):
+        assert f"head {k} {float(share[k]):.2f}" in panel.caption.value
+
+
+def test_map_limits_shared_and_per_panel():
+    maps = torch.tensor([[[0.1, 0.2]], [[0.4, 0.3]]])
+    assert explorer_module.map_limits(maps, "shared") == pytest.approx([0.4, 0.4])
+    assert explorer_module.map_limits(maps, "panel") == pytest.approx([0.2, 0.4])
+    with pytest.raises(ValueError, match="scale"):
+        explorer_module.map_limits(maps, "global")
+
+
+def test_render_view_colours_equal_values_alike_only_on_a_shared_scale():
+    maps = torch.tensor([[[0.2, 0.0], [0.0, 0.0]], [[0.2, 0.8], [0.0, 0.0]]])  # the same 0.2 in both top-left cells
+    picture = np.zeros((8, 8))
+    shared = explorer_module.render_view(picture, maps, "cls", ["a", "b"], "shared")
+    per_panel = explorer_module.render_view(picture, maps, "cls", ["a", "b"], "panel")
+    step = explorer_module.PANEL_SIDE + explorer_module.PANEL_GAP
+    y = explorer_module.PANEL_TITLE + 10
+    assert np.array_equal(shared[y, 10], shared[y, step + 10])  # equal weights, equal colours
+    assert not np.array_equal(per_panel[y, 10], per_panel[y, step + 10])  # 0.2 is panel a's peak, not b's
 
 
 def test_panel_greys_out_what_the_view_ignores():
@@ -258,7 +294,7 @@ def test_mistake_button_shows_the_next_mistake():
     panel = AttentionExplorer(*planted()).widget()
     panel.mistake.click()
     assert panel.digit.value == 2 and panel.status.value == "mistake 1 of 3" and panel.renders == 2
-    assert "#2 " in panel.figure.texts[0].get_text()
+    assert "<b>#2</b>" in panel.caption.value
     panel.mistake.click()
     assert panel.digit.value == 5 and panel.status.value == "mistake 2 of 3"
 

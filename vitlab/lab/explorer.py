@@ -27,6 +27,7 @@ patches, N tokens (1 CLS + G*G patches), D model dim, L layers, h heads, K class
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import socket
@@ -40,7 +41,6 @@ import ipywidgets as widgets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from IPython.display import Image, display
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
@@ -139,26 +139,56 @@ def _as_picture(image: torch.Tensor) -> np.ndarray:
     return ((image - low) / (high - low).clamp_min(1e-12)).numpy()
 
 
+SCALES = ("shared", "panel")  # one colour scale for all maps of a figure, or each map scaled to its own peak
+
+
+def map_limits(maps: torch.Tensor, scale: str = "shared") -> list[float]:
+    """(k, ...) maps -> k upper colour limits: the largest value of all maps ("shared"), or each map's own ("panel").
+
+    With "shared", equally bright means equally strong in every panel, so heads can be compared; with
+    "panel", each map uses the whole colour range, which shows the pattern of a weak head but hides
+    how weak it is. The lower limit is always 0.
+    """
+    check_choice("scale", scale, SCALES)
+    peaks = [max(float(values.max()), 1e-12) for values in maps.float()]
+    return [max(peaks)] * len(peaks) if scale == "shared" else peaks
+
+
+def cls_self_share(attentions: torch.Tensor, layer: int) -> torch.Tensor:
+    """(L, h, N, N) -> (h,): the CLS token's attention to itself, A[layer, head, 0, 0], per head of ``layer``.
+
+    Row 0 sums to 1 over CLS and the patches, so 1 minus this share is what the CLS -> patches maps show.
+    """
+    return attentions[layer, :, 0, 0]
+
+
 def _draw_maps(fig: Figure, picture: np.ndarray, maps: torch.Tensor, view: str, titles: list[str],
-               query: int | None) -> None:
-    """Draw the k maps in a grid on the left 62% of ``fig`` (a fixed layout: no layout engine, so redraws are fast)."""
+               query: int | None, scale: str = "shared") -> None:
+    """Draw the k maps in a grid on the left 62% of ``fig`` (a fixed layout: no layout engine, so redraws are fast).
+
+    A colour bar to the right of the grid gives the scale: the shared one, or (``scale="panel"``) 0 to
+    each map's own peak, written in the map's title.
+    """
     k = len(maps)
     cols = math.ceil(math.sqrt(k))
     rows = math.ceil(k / cols)
     matrix = view == "matrix"
-    bottom, top, gap = (0.1, 0.88, 0.35) if matrix else (0.03, 0.88, 0.15)
+    bottom, top, gap = (0.1, 0.86, 0.35) if matrix else (0.03, 0.86, 0.2)
     width, height = fig.get_size_inches()
     side = (top - bottom) * height / (rows + gap * (rows - 1))  # inches per square map
-    span = min(0.62, (cols + gap * (cols - 1)) * side / width)  # centre the grid on the left part
-    left = max(0.02, 0.33 - span / 2) + (0.04 if matrix else 0.0)
+    span = min(0.56, (cols + gap * (cols - 1)) * side / width)  # centre the grid on the left part
+    left = max(0.02, 0.31 - span / 2) + (0.04 if matrix else 0.0)
     grid = fig.add_gridspec(rows, cols, left=left, right=left + span, bottom=bottom, top=top, wspace=gap, hspace=gap)
     size = picture.shape[:2]
-    for index, (values, title) in enumerate(zip(maps.float(), titles)):
+    limits = map_limits(maps, scale)
+    mappable = None
+    for index, (values, title, peak) in enumerate(zip(maps.float(), titles, limits)):
         ax = fig.add_subplot(grid[index // cols, index % cols])
-        peak = max(float(values.max()), 1e-12)
-        ax.set_title(title, fontsize=8, pad=2)
+        if scale == "panel" and k > 1:
+            title = f"{title}\npeak {peak:.2f}"
+        ax.set_title(title, fontsize=7, pad=2)
         if matrix:
-            ax.imshow(values.numpy(), cmap="viridis", vmin=0.0, vmax=peak)
+            mappable = ax.imshow(values.numpy(), cmap="viridis", vmin=0.0, vmax=peak)
             n = values.shape[-1]
             ticks = [0] + list(range(4, n, 4)) if n <= 32 else [0]
             labels = ["CLS" if t == 0 else str(t) for t in ticks]
@@ -170,7 +200,7 @@ def _draw_maps(fig: Figure, picture: np.ndarray, maps: torch.Tensor, view: str, 
                 ax.set_xlabel("key token", fontsize=7)
             continue
         ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
-        ax.imshow(upsample_patch_map(values, size).numpy(), cmap="inferno", alpha=0.6, vmin=0.0, vmax=peak)
+        mappable = ax.imshow(upsample_patch_map(values, size).numpy(), cmap="inferno", alpha=0.6, vmin=0.0, vmax=peak)
         if query is not None:  # outline the query patch, in the picture's pixels
             grid_size = values.shape[-1]
             row, col = divmod(query, grid_size)
@@ -179,6 +209,12 @@ def _draw_maps(fig: Figure, picture: np.ndarray, maps: torch.Tensor, view: str, 
                                    fill=False, edgecolor="cyan", linewidth=2))
         ax.set_xticks([])
         ax.set_yticks([])
+    bar = fig.add_axes((left + span + 0.015, bottom, 0.012, top - bottom))
+    colorbar = fig.colorbar(mappable, cax=bar)
+    colorbar.ax.tick_params(labelsize=6)
+    if scale == "panel" and k > 1:
+        colorbar.set_ticks([0.0, limits[-1]], labels=["0", "peak"])
+    colorbar.set_label("attention" if view != "rollout" else "share of the peak", fontsize=7)
 
 
 def _draw_bars(ax, probs: torch.Tensor, label: int | None, class_names: list[str]) -> None:
@@ -204,6 +240,78 @@ def _draw_bars(ax, probs: torch.Tensor, label: int | None, class_names: list[str
         ax.set_xlabel("probability")
     verdict = f"predicted {class_names[predicted]} ({100 * float(probs[predicted]):.0f}%)"
     ax.set_title(verdict if label is None else f"label {class_names[label]}, {verdict}", fontsize=9)
+
+
+# --- A fast picture for the panel ----------------------------------------------------------------------
+
+PANEL_SIDE = 140  # pixels per map in the panel's picture
+PANEL_GAP = 10
+PANEL_TITLE = 14  # pixels above each map for its title
+
+
+def render_view(picture: np.ndarray, maps: torch.Tensor, view: str, titles: list[str], scale: str = "shared",
+                query: int | None = None, alpha: float = 0.6) -> np.ndarray:
+    """(H, W[, 3]) picture in [0, 1], (k, G, G) or (k, N, N) maps -> (height, width, 3) uint8: maps in a row, colour bar.
+
+    The panel's picture, drawn with numpy and PIL instead of a matplotlib figure (a few milliseconds
+    instead of a few hundred): each map upsampled to PANEL_SIDE pixels, coloured with inferno over
+    the picture (viridis, alone, for the matrix view), its title above it, and a colour bar with its
+    limits on the right. ``scale`` as in ``map_limits``.
+    """
+    from matplotlib import colormaps
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    k = len(maps)
+    limits = map_limits(maps, scale)
+    matrix = view == "matrix"
+    cmap = colormaps["viridis" if matrix else "inferno"]
+    side, gap, head = PANEL_SIDE, PANEL_GAP, PANEL_TITLE
+    bar_width, bar_room = 12, 48
+    width = k * side + (k - 1) * gap + gap + bar_width + bar_room
+    canvas = np.full((head + side + 4, width, 3), 255, dtype=np.uint8)
+    base = None
+    if not matrix:
+        grey = torch.as_tensor(picture).float()
+        grey = grey if grey.ndim == 3 else grey[..., None].expand(*grey.shape, 3)
+        base = F.interpolate(grey.permute(2, 0, 1)[None], size=(side, side), mode="nearest")[0].permute(1, 2, 0).numpy()
+    for index, (values, peak) in enumerate(zip(maps.float(), limits)):
+        scaled = F.interpolate(values[None, None], size=(side, side), mode="nearest")[0, 0].numpy() / peak
+        colour = cmap(np.clip(scaled, 0, 1))[..., :3]
+        if base is not None:
+            colour = (1 - alpha) * base + alpha * colour
+        x = index * (side + gap)
+        canvas[head:head + side, x:x + side] = np.round(colour * 255).astype(np.uint8)
+        if query is not None and not matrix:
+            grid = values.shape[-1]
+            row, col = divmod(query, grid)
+            cell = side / grid
+            y0, x0 = head + round(row * cell), x + round(col * cell)
+            y1, x1 = head + round((row + 1) * cell) - 1, x + round((col + 1) * cell) - 1
+            canvas[y0:y1 + 1, [x0, x0 + 1, x1 - 1, x1]] = (0, 255, 255)
+            canvas[[y0, y0 + 1, y1 - 1, y1], x0:x1 + 1] = (0, 255, 255)
+    bar_x = k * side + (k - 1) * gap + gap
+    ramp = cmap(np.linspace(1, 0, side))[:, :3]
+    canvas[head:head + side, bar_x:bar_x + bar_width] = np.round(ramp[:, None] * 255).astype(np.uint8)
+    image = PILImage.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for index, title in enumerate(titles):
+        if scale == "panel" and k > 1:
+            title = f"{title} (peak {limits[index]:.2f})"
+        draw.text((index * (side + gap), 1), title, fill=(0, 0, 0))
+    top_label = f"{limits[0]:.2f}" if scale == "shared" or k == 1 else "peak"
+    draw.text((bar_x + bar_width + 3, head), top_label, fill=(0, 0, 0))
+    draw.text((bar_x + bar_width + 3, head + side - 11), "0", fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (fast zlib level: the panel redraws on every change)."""
+    from PIL import Image as PILImage
+
+    buffer = io.BytesIO()
+    PILImage.fromarray(rgb).save(buffer, format="png", compress_level=1)
+    return buffer.getvalue()
 
 
 # --- The explorer ----------------------------------------------------------------------------------
@@ -299,12 +407,17 @@ class AttentionExplorer:
         return _as_picture(source[index])
 
     def figure(self, index: int = 0, view: str = "cls", layer: int = 0, head: int | str = 0, query: int = 0,
-               head_fusion: str = "mean", discard_ratio: float = 0.0, fig: Figure | None = None) -> Figure:
+               head_fusion: str = "mean", discard_ratio: float = 0.0, scale: str = "shared",
+               fig: Figure | None = None) -> Figure:
         """-> Figure: the view of image ``index`` (left) beside the model's probabilities (right).
 
         In the view's axes the attention map is the last image (``ax.images[-1]``); over a picture it
-        is drawn on top of it. Returns ``fig``, or a new Figure (not registered with pyplot).
+        is drawn on top of it. ``scale``: "shared" (one colour scale for all heads) or "panel" (each
+        head to its own peak); a colour bar shows it. In the CLS view each head's title gives the CLS
+        token's attention to itself (``cls_self_share``), the part of row 0 the map does not show.
+        Returns ``fig``, or a new Figure (not registered with pyplot).
         """
+        check_choice("scale", scale, SCALES)
         maps = self.maps(index, view, layer, head, query, head_fusion, discard_ratio)
         probs = self.recorded(index).probs
         fig = fig if fig is not None else Figure(figsize=(9, 4.2))
@@ -314,10 +427,13 @@ class AttentionExplorer:
             heading = "attention rollout through all layers: what reaches CLS"
         else:
             titles = [f"head {k}" for k in heads]
+            if view == "cls":
+                share = cls_self_share(self.recorded(index).attentions, layer)
+                titles = [f"{title}, CLS\u2192CLS {float(share[k]):.2f}" for title, k in zip(titles, heads)]
             what = f"query patch (row {query // self.grid_size}, col {query % self.grid_size})" \
                 if view == "query" else VIEW_LABELS[view]
             heading = f"layer {layer}, {'all heads' if head == ALL_HEADS else f'head {head}'}: {what}"
-        _draw_maps(fig, self.picture(index), maps, view, titles, query if view == "query" else None)
+        _draw_maps(fig, self.picture(index), maps, view, titles, query if view == "query" else None, scale)
         fig.text(0.33, 0.97, f"#{index}  {heading}", ha="center", va="top", fontsize=10)
         label = None if self.labels is None else int(self.labels[index])
         many = len(probs) > MAX_BARS  # horizontal bars with class names need room on the left
@@ -356,27 +472,31 @@ class AttentionExplorer:
 
 def build_panel(explorer: AttentionExplorer, index: int = 0, view: str = "cls", layer: int = 0,
                 head: int | str = ALL_HEADS, query: int = 0, head_fusion: str = "mean", discard_ratio: float = 0.0,
-                height: int = 350) -> "ExplorerPanel":
-    """-> an ipywidgets VBox: the controls above an Output of fixed ``height`` pixels showing ``explorer.figure``.
+                scale: str = "shared") -> "ExplorerPanel":
+    """-> an ipywidgets VBox: the controls above a caption, the view's picture and the probabilities.
 
     The controls are attributes of the panel: ``digit``, ``mistake`` (the "Show me a mistake"
-    button), ``layer``, ``head``, ``view``, ``query``, ``fusion``, ``discard``, ``status``; the
-    Output is ``out``; the last figure drawn and its PNG are ``figure`` and ``png``.
+    button), ``layer``, ``head``, ``view``, ``scale`` (shared / per panel), ``query``, ``fusion``,
+    ``discard``, ``status``. The picture is the Image widget ``out`` (drawn by ``render_view``, PNG in
+    ``png``, the maps it shows in ``shown``), the caption ``caption`` (the heading and, in the CLS
+    view, each head's CLS-to-itself share), and the probabilities ``bars`` (a matplotlib chart drawn
+    once per digit).
     """
-    return ExplorerPanel(explorer, index, view, layer, head, query, head_fusion, discard_ratio, height)
+    return ExplorerPanel(explorer, index, view, layer, head, query, head_fusion, discard_ratio, scale)
 
 
 class ExplorerPanel(widgets.VBox):
-    """The attention explorer's controls above its output; the wiring only, the drawing is ``explorer.figure``."""
+    """The attention explorer's controls above its picture; a change redraws only the picture, from the cached recording."""
 
     def __init__(self, explorer: AttentionExplorer, index: int = 0, view: str = "cls", layer: int = 0,
                  head: int | str = ALL_HEADS, query: int = 0, head_fusion: str = "mean", discard_ratio: float = 0.0,
-                 height: int = 350) -> None:
+                 scale: str = "shared") -> None:
         super().__init__()
         self.explorer = explorer
-        self.figure: Figure | None = None  # the last figure drawn
-        self.png = b""  # and its PNG, as displayed in ``out``
+        self.png = b""  # the picture shown, as PNG bytes
+        self.shown: torch.Tensor | None = None  # the maps it shows, (k, G, G) or (k, N, N)
         self.renders = 0
+        self._bars: OrderedDict[int, bytes] = OrderedDict()  # digit -> PNG of its probabilities
         G = explorer.grid_size
         wide = {"description_width": "initial"}
         self.digit = widgets.IntSlider(value=index, min=0, max=len(explorer) - 1, description="digit",
@@ -390,6 +510,10 @@ class ExplorerPanel(widgets.VBox):
             value=head, description="head")
         self.view = widgets.ToggleButtons(options=[(VIEW_LABELS[v], v) for v in VIEWS], value=view,
                                           tooltips=[VIEW_TIPS[v] for v in VIEWS], style={"button_width": "auto"})
+        self.scale = widgets.ToggleButtons(options=[("shared scale", "shared"), ("per panel", "panel")], value=scale,
+                                           tooltips=["one colour scale for every head: compare their strength",
+                                                     "each head to its own peak: see a weak head's pattern"],
+                                           style={"button_width": "auto"})
         self.query = widgets.Dropdown(options=[(f"row {r}, col {c}", r * G + c) for r in range(G) for c in range(G)],
                                       value=query, description="query patch", style=wide)
         self.fusion = widgets.Dropdown(options=HEAD_FUSIONS, value=head_fusion, description="head fusion",
@@ -398,38 +522,68 @@ class ExplorerPanel(widgets.VBox):
                                            description="discard ratio", readout_format=".2f",
                                            continuous_update=False, style=wide)
         self.status = widgets.Label()
-        for name in ("digit", "mistake", "layer", "head", "view", "query", "fusion", "discard", "status"):
+        self.caption = widgets.HTML()
+        self.out = widgets.Image(format="png")
+        self.bars = widgets.Image(format="png", layout=widgets.Layout(width="260px"))
+        for name in ("digit", "mistake", "layer", "head", "view", "scale", "query", "fusion", "discard", "status",
+                     "caption", "out", "bars"):
             getattr(self, name).add_class(f"vitlab-explorer-{name}")  # stable handles for the browser test
-        controls = {"index": self.digit, "view": self.view, "layer": self.layer, "head": self.head,
-                    "query": self.query, "head_fusion": self.fusion, "discard_ratio": self.discard}
-        self.out = widgets.interactive_output(self._show, controls)
-        self.out.layout.height = f"{height}px"
-        self.out.layout.overflow = "hidden"
-        self.out.add_class("vitlab-explorer-out")
         self.mistake.on_click(self._next_mistake)
-        self.view.observe(self._enable, "value")
-        self._enable()
+        for control in (self.digit, self.layer, self.head, self.view, self.scale, self.query, self.fusion,
+                        self.discard):
+            control.observe(self._redraw, "value")
+        self._redraw()
         ui = widgets.VBox([
             widgets.HBox([self.digit, self.mistake, self.status]),
             widgets.HBox([self.layer, self.head]),
-            self.view,
+            widgets.HBox([self.view, self.scale]),
             widgets.HBox([self.query, self.fusion, self.discard]),
         ])
-        self.children = [ui, self.out]
+        self.children = [ui, self.caption, widgets.HBox([self.out, self.bars])]
         self.add_class("vitlab-explorer")
 
-    def _show(self, **settings) -> None:
-        self.figure = self.explorer.figure(**settings)
-        self.png = figure_png(self.figure)
-        self.renders += 1
-        display(Image(data=self.png, format="png"))
+    def settings(self) -> dict:
+        """-> the controls' values, as ``AttentionExplorer.figure`` takes them."""
+        return dict(index=self.digit.value, view=self.view.value, layer=self.layer.value, head=self.head.value,
+                    query=self.query.value, head_fusion=self.fusion.value, discard_ratio=self.discard.value,
+                    scale=self.scale.value)
 
-    def _enable(self, change=None) -> None:
-        """Grey out the controls that the selected view ignores."""
-        view = self.view.value
+    def _redraw(self, change=None) -> None:
+        """Grey out what the view ignores, then draw the picture (and, for a new digit, the bars)."""
+        explorer, view = self.explorer, self.view.value
         self.layer.disabled = self.head.disabled = view == "rollout"
         self.query.disabled = view != "query"
         self.fusion.disabled = self.discard.disabled = view != "rollout"
+        index, layer, head = self.digit.value, self.layer.value, self.head.value
+        maps = explorer.maps(index, view, layer, head, self.query.value, self.fusion.value, self.discard.value)
+        heads = range(explorer.num_heads) if head == ALL_HEADS else [head]
+        if view == "rollout":
+            titles = [f"{self.fusion.value} over heads, discard {self.discard.value:.2f}"]
+            heading = "attention rollout through all layers: what reaches CLS (its own share left out)"
+        else:
+            titles = [f"head {k}" for k in heads]
+            heading = f"layer {layer}, {'all heads' if head == ALL_HEADS else f'head {head}'}: {VIEW_LABELS[view]}"
+        if view == "cls":
+            share = cls_self_share(explorer.recorded(index).attentions, layer)
+            heading += "; CLS\u2192CLS (not drawn): " + ", ".join(f"head {k} {float(share[k]):.2f}" for k in heads)
+        self.caption.value = f"<b>#{index}</b> {heading}"
+        query = self.query.value if view == "query" else None
+        self.shown = maps
+        self.png = png_bytes(render_view(explorer.picture(index), maps, view, titles, self.scale.value, query))
+        self.out.value = self.png
+        if index not in self._bars:
+            self._bars[index] = self._bars_png(index)
+            while len(self._bars) > explorer.cache_size:
+                self._bars.popitem(last=False)
+        self.bars.value = self._bars[index]
+        self.renders += 1
+
+    def _bars_png(self, index: int) -> bytes:
+        fig = Figure(figsize=(3.2, 2.4))
+        label = None if self.explorer.labels is None else int(self.explorer.labels[index])
+        _draw_bars(fig.add_axes((0.18, 0.15, 0.78, 0.72)), self.explorer.recorded(index).probs, label,
+                   self.explorer.class_names)
+        return figure_png(fig)
 
     def _next_mistake(self, button=None) -> None:
         found = self.explorer.next_mistake(self.digit.value)
