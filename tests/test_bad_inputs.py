@@ -9,7 +9,6 @@ failure while running) and the one line, ``error: <message>``, printed on stderr
 import math
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +35,7 @@ IMAGES = torch.zeros(2, 1, 28, 28)
 LABELS = torch.zeros(2, dtype=torch.long)
 DATA = tiny_digits(8)
 FAST = dict(epochs=1, batch_size=8, progress=False)
+ROW_3_EMPTY = torch.eye(17, dtype=torch.bool).index_fill(0, torch.tensor([3]), False)  # query 3 may attend to nothing
 
 
 @pytest.fixture
@@ -127,7 +127,8 @@ ROWS = [
     row("bool images", lambda t: tiny_vit()(torch.zeros(2, 1, 28, 28, dtype=torch.bool)), ValueError,
         "expected images of dtype torch.float32 (the model's weights'); got torch.bool: convert with images.float()"),
     row("float64 images", lambda t: tiny_vit()(IMAGES.double()), ValueError,
-        "expected images of dtype torch.float32 (the model's weights'); got torch.float64: convert with images.float()"),
+        "expected images of dtype torch.float32 (the model's weights'); got torch.float64: "
+        "convert with images.float()"),
     row("float16 images", lambda t: tiny_vit()(IMAGES.half()), ValueError,
         "got torch.float16: convert with images.float()"),
     row("bfloat16 images", lambda t: tiny_vit()(IMAGES.bfloat16()), ValueError,
@@ -137,7 +138,8 @@ ROWS = [
         "images.to(torch.float64)"),
     row("images without a channel axis", lambda t: tiny_vit()(torch.zeros(2, 28, 28)), ValueError,
         "expected images of shape (B, 1, 28, 28); got (2, 28, 28)"),
-    row("images as a list", lambda t: tiny_vit()([[0.0]]), ValueError, "expected images of shape (B, 1, 28, 28); got list"),
+    row("images as a list", lambda t: tiny_vit()([[0.0]]), ValueError,
+        "expected images of shape (B, 1, 28, 28); got list"),
     row("three channels for a one-channel model", lambda t: tiny_vit()(torch.zeros(2, 3, 28, 28)), ValueError,
         "expected 1 channel(s) (config.in_channels); got 3 in shape (2, 3, 28, 28)"),
     row("image size not a multiple of the patch", lambda t: tiny_vit()(torch.zeros(2, 1, 20, 20)), ValueError,
@@ -150,8 +152,9 @@ ROWS = [
         "expected a bool attention mask (True = may attend); got dtype torch.float32"),
     row("a mask of the wrong size", lambda t: tiny_vit()(IMAGES, torch.ones(17, 16, dtype=torch.bool)), ValueError,
         "expected an attention mask broadcastable to (B, h, N, N) = (2, 2, 17, 17); got (17, 16)"),
-    row("a mask with an all-False row", lambda t: tiny_vit()(IMAGES, torch.eye(17, dtype=torch.bool).index_fill(0, torch.tensor([3]), False)),
-        ValueError, "every query must be allowed to attend to at least one key; the mask has an all-False row"),
+    row("a mask with an all-False row",
+        lambda t: tiny_vit()(IMAGES, ROW_3_EMPTY), ValueError,
+        "every query must be allowed to attend to at least one key; the mask has an all-False row"),
     # --- patches ------------------------------------------------------------------------------------
     row("patchify a 3-d tensor", lambda t: patchify(torch.zeros(1, 28, 28), 7), ValueError,
         "expected images of shape (B, C, H, W); got a tensor of shape (1, 28, 28)"),
@@ -196,7 +199,8 @@ ROWS = [
         "batch_size must be an int >= 1; got 0"),
     row("fit eval_batch_size -1", lambda t: fit(tiny_vit(), DATA, epochs=1, eval_batch_size=-1), ValueError,
         "eval_batch_size must be an int >= 1; got -1"),
-    row("fit lr 0", lambda t: fit(tiny_vit(), DATA, epochs=1, lr=0), ValueError, "lr must be a finite number > 0; got 0"),
+    row("fit lr 0", lambda t: fit(tiny_vit(), DATA, epochs=1, lr=0), ValueError,
+        "lr must be a finite number > 0; got 0"),
     row("fit lr inf", lambda t: fit(tiny_vit(), DATA, epochs=1, lr=math.inf), ValueError,
         "lr must be a finite number > 0; got inf"),
     row("fit weight_decay -0.1", lambda t: fit(tiny_vit(), DATA, epochs=1, weight_decay=-0.1), ValueError,
@@ -229,7 +233,8 @@ ROWS = [
         "callback must be a callable taking the History, or None; got 'print'"),
     row("fit checkpoint_dir is a file", lambda t: fit(tiny_vit(), DATA, **FAST, checkpoint_dir=t / "file.txt"),
         ValueError, "cannot write checkpoints into {tmp}/file.txt: it is a file, expected a folder"),
-    row("fit checkpoint_dir below a file", lambda t: fit(tiny_vit(), DATA, **FAST, checkpoint_dir=t / "file.txt" / "runs"),
+    row("fit checkpoint_dir below a file",
+        lambda t: fit(tiny_vit(), DATA, **FAST, checkpoint_dir=t / "file.txt" / "runs"),
         ValueError, "cannot write the folder {tmp}/file.txt/runs: {tmp}/file.txt is a file, not a folder"),
     row("fit resume from no file", lambda t: fit(tiny_vit(), DATA, **FAST, resume=t / "none.pt"), ValueError,
         "resume must be a checkpoint file written by fit (a last.pt); there is no file at {tmp}/none.pt"),
@@ -392,8 +397,10 @@ CLI_ROWS = [
         "cannot write the file /proc/vitlab-model.pt: the folder /proc is not writable", when=PROC),
     cli("train: checkpoint dir is a file", train_main, ["--checkpoint-dir", "{tmp}/file.txt"], 2,
         "cannot write checkpoints into {tmp}/file.txt: it is a file, expected a folder"),
-    cli("train: resume from no file", train_main, ["--resume", "{tmp}/none.pt"], 2, "--resume {tmp}/none.pt: no such file"),
-    cli("train: test dir missing", train_main, ["--test-dir", "{tmp}/none"], 2, "--test-dir {tmp}/none: no such folder"),
+    cli("train: resume from no file", train_main, ["--resume", "{tmp}/none.pt"], 2,
+        "--resume {tmp}/none.pt: no such file"),
+    cli("train: test dir missing", train_main, ["--test-dir", "{tmp}/none"], 2,
+        "--test-dir {tmp}/none: no such folder"),
     cli("train: no full MNIST", train_main, ["--source", "torchvision", "--no-download", "--data-dir", "{tmp}/data"], 1,
         "expected the full MNIST (the four IDX files) under {tmp}/data/MNIST/raw"),
     cli("train: resume from random bytes", train_main, [*TINY, "--resume", "{tmp}/noise.pt"], 1,

@@ -41,7 +41,8 @@ def describe_range(integer: bool = False, low=None, high=None, low_open: bool = 
     return kind
 
 
-def in_range(value, integer: bool = False, low=None, high=None, low_open: bool = False, high_open: bool = False) -> bool:
+def in_range(value, integer: bool = False, low=None, high=None, low_open: bool = False,
+             high_open: bool = False) -> bool:
     """Whether ``value`` is a number of the kind (an int, or any finite real; never a bool) between the bounds."""
     kind = numbers.Integral if integer else numbers.Real
     if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value):
@@ -98,7 +99,7 @@ class ViTConfig:
     attn_dropout: float = 0.0  # dropout on the attention probabilities; a number in [0, 1)
     drop_path: float = 0.0  # stochastic depth rate of the last block (0 at the first, linear between); in [0, 1)
     qkv_bias: bool = True  # bias in the fused q, k, v projection; True or False
-    layer_norm_eps: float = 1e-6  # LayerNorm epsilon, a finite number > 0 (timm, torchvision: 1e-6; Hugging Face: 1e-12)
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon, a finite number > 0 (timm, torchvision 1e-6; Hugging Face 1e-12)
     window: int = 0  # k > 0: each patch attends to its k x k neighbourhood only (k odd); 0: full attention
     attn_impl: str = "auto"  # "explicit" | "fused" (F.scaled_dot_product_attention) | "auto" (see fused_attention)
 

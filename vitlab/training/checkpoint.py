@@ -148,7 +148,9 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise ValueError(f"cannot write the {what} {path}: the folder {existing} is not writable ({err.strerror})") from err
+        raise ValueError(
+            f"cannot write the {what} {path}: the folder {existing} is not writable ({err.strerror})"
+        ) from err
     return path
 
 
@@ -251,7 +253,9 @@ def load_checkpoint(
         try:
             config = ViTConfig.from_dict(checkpoint["config"])
         except (ValueError, TypeError) as err:
-            raise ValueError(f"{path} is a vitlab checkpoint whose 'config' field is not a valid ViTConfig: {err}") from None
+            raise ValueError(
+                f"{path} is a vitlab checkpoint whose 'config' field is not a valid ViTConfig: {err}"
+            ) from None
         model = ViT(config)
     else:
         differences = config_differences(_vit_config(model), checkpoint["config"])

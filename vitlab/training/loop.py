@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..model.config import check_bool, check_range, in_range
 from .batches import check_augment, make_batches, num_images
 from .budget import plan_steps, probe_batches, time_steps
-from ..model.config import check_bool, check_range, in_range
 from .checkpoint import check_writable, load_checkpoint, save_checkpoint, set_rng_state
 from .devices import device_of
 from .history import History
@@ -265,7 +265,9 @@ def check_fit_arguments(arguments: dict) -> None:
     if a["checkpoint_dir"] is not None:
         check_writable(a["checkpoint_dir"], folder=True)
     if a["resume"] is not None and not Path(a["resume"]).is_file():
-        raise ValueError(f"resume must be a checkpoint file written by fit (a last.pt); there is no file at {a['resume']}")
+        raise ValueError(
+            f"resume must be a checkpoint file written by fit (a last.pt); there is no file at {a['resume']}"
+        )
 
 
 def fit(
