@@ -453,3 +453,31 @@ def test_a_bad_output_path_is_caught_before_the_data_is_loaded(files, monkeypatc
     with pytest.raises(SystemExit) as info:
         train_main(["--out", str(files / "file.txt" / "model.pt")])
     assert info.value.code == 2
+
+
+# --- the recorder's memory -------------------------------------------------------------------------------
+
+
+def test_max_bytes_is_a_bound_that_a_pass_of_exactly_that_size_meets():
+    from vitlab.inside.record import recorded_bytes
+
+    model = tiny_vit()
+    needed = recorded_bytes(model, 2)
+    assert needed == 2 * (2 * 2 * 17 * 17 + 3 * 17 * 32) * 4  # B * (L*h*N*N + (L+1)*N*D) float32s
+    with_record(model, IMAGES, max_bytes=needed)  # exactly enough
+    with pytest.raises(ValueError, match=f"recording 2 images needs {needed:,} bytes; max_bytes is {needed - 1:,}"):
+        with_record(model, IMAGES, max_bytes=needed - 1)
+
+
+def test_reading_a_recording_twice_keeps_one_copy():
+    model = tiny_vit()
+    with record(model) as rec:
+        model(IMAGES)
+    attentions, tokens = rec.attentions, rec.tokens
+    assert rec.attentions is attentions and rec.tokens is tokens  # no second stack on a second reading
+    assert rec._attentions == [] and rec._tokens == []  # the per-layer pieces are let go
+    with record(model) as rec:
+        model(IMAGES)
+        assert rec.attentions.shape == (2, 2, 2, 17, 17)
+        model(IMAGES[:1])
+    assert rec.attentions.shape == (1, 2, 2, 17, 17)  # a later pass replaces what was stacked
