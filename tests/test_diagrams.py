@@ -127,3 +127,25 @@ def test_drawn_heads():
 def test_a_figure_needs_a_config():
     with pytest.raises(ValueError, match="expected a vitlab ViTConfig; got dict"):
         diagrams.pipeline_figure({"image_size": 28})
+
+
+def test_mask_colours_show_the_cls_row_and_column_apart_from_blocked_and_patch_pairs():
+    from matplotlib.colors import to_rgb
+
+    mask = vitlab.local_window_mask(4, 3)  # (17, 17)
+    image = diagrams.mask_colours(mask)
+    red, blue, grey = (to_rgb(diagrams.MASK_COLOURS[k]) for k in ("cls", "patch", "blocked"))
+    assert all(tuple(image[0, j]) == red for j in range(17)) and all(tuple(image[i, 0]) == red for i in range(17))
+    assert tuple(image[1, 1]) == blue and tuple(image[1, 16]) == grey  # patch 0 sees itself, not patch 15
+    assert all(colour != (1.0, 1.0, 1.0) for colour in (red, blue, grey))  # nothing is white on a white page
+    assert int((image == blue).all(-1).sum()) == int(mask[1:, 1:].sum())
+
+
+def test_mask_figure_checks_its_mask_and_query():
+    mask = vitlab.local_window_mask(7, 3)
+    fig = diagrams.mask_figure(mask, 7, query=24)
+    assert "patch 24 (red frame) sees 9 patches + CLS" in [ax.get_title() for ax in fig.axes]
+    with pytest.raises(ValueError, match=r"expected a \(50, 50\) mask .* got shape \(17, 17\)"):
+        diagrams.mask_figure(vitlab.local_window_mask(4, 3), 7)
+    with pytest.raises(ValueError, match="got 49"):
+        diagrams.mask_figure(mask, 7, query=49)

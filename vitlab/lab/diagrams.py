@@ -283,3 +283,72 @@ def heads_figure(config: ViTConfig) -> Figure:
     ax.text(mid, 0.6, f"multi-head attention: h = {c.heads} heads of d = D / h = {c.dim} / {c.heads} = "
             f"{c.head_dim}, N = {c.num_tokens} tokens", ha="center", va="center", fontsize=10, weight="bold")
     return fig
+
+
+MASK_COLOURS = {"blocked": "#e6e6e6", "patch": "#3b6fb6", "cls": "#d1495b"}  # grey, blue, red: none of them white
+
+
+def mask_colours(mask, cls_token: bool = True):
+    """(N, N) bool -> (N, N, 3) RGB floats: allowed patch pairs blue, the CLS token's row and column red, blocked grey."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    allowed = np.asarray(mask, dtype=bool)
+    if allowed.ndim != 2 or allowed.shape[0] != allowed.shape[1]:
+        raise ValueError(f"expected a square (N, N) mask; got shape {tuple(allowed.shape)}")
+    image = np.empty(allowed.shape + (3,))
+    image[:] = to_rgb(MASK_COLOURS["blocked"])
+    image[allowed] = to_rgb(MASK_COLOURS["patch"])
+    if cls_token:
+        cls = np.zeros_like(allowed)
+        cls[0, :], cls[:, 0] = True, True
+        image[cls & allowed] = to_rgb(MASK_COLOURS["cls"])
+    return image
+
+
+def mask_figure(mask, grid_size: int, query: int | None = None, cls_token: bool = True) -> Figure:
+    """(N, N) bool mask, N = [1+] G*G -> Figure: the mask, CLS row and column in their own colour, and on the right
+    the patches that patch ``query`` (numbered from 0, without CLS) may attend to, on the G x G grid."""
+    import numpy as np
+
+    allowed = np.asarray(mask, dtype=bool)
+    n = grid_size**2 + (1 if cls_token else 0)
+    if allowed.shape != (n, n):
+        raise ValueError(f"expected a ({n}, {n}) mask for a {grid_size} x {grid_size} grid"
+                         f"{' plus CLS' if cls_token else ''}; got shape {tuple(allowed.shape)}")
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.35, 1]})
+    left.imshow(mask_colours(allowed, cls_token), interpolation="nearest")
+    for spine in left.spines.values():
+        spine.set_visible(True)
+    ticks = [0] + list(range(1, n, grid_size)) if cls_token else list(range(0, n, grid_size))
+    labels = (["CLS"] + [f"p{t - 1}" for t in ticks[1:]]) if cls_token else [f"p{t}" for t in ticks]
+    left.set_xticks(ticks, labels, fontsize=7, rotation=90)
+    left.set_yticks(ticks, labels, fontsize=7)
+    left.set(xlabel="key j", ylabel="query i")
+    allowed_pairs = int(allowed.sum())
+    left.set_title(f"{n} x {n} mask: {allowed_pairs:,} of {n * n:,} pairs allowed", fontsize=10)
+    from matplotlib.patches import Patch
+    left.legend(handles=[Patch(color=MASK_COLOURS["patch"], label="patch -> patch, allowed"),
+                         Patch(color=MASK_COLOURS["cls"], label="to or from CLS, allowed"),
+                         Patch(color=MASK_COLOURS["blocked"], label="blocked")],
+                loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8)
+    if query is None:
+        right.axis("off")
+        return fig
+    if not 0 <= query < grid_size**2:
+        raise ValueError(f"query must be a patch index in [0, {grid_size**2 - 1}]; got {query}")
+    row = allowed[query + (1 if cls_token else 0), (1 if cls_token else 0):].reshape(grid_size, grid_size)
+    sees = np.where(row, 1.0, 0.0)
+    sees_image = np.empty(row.shape + (3,))
+    from matplotlib.colors import to_rgb
+    sees_image[:] = to_rgb(MASK_COLOURS["blocked"])
+    sees_image[row] = to_rgb(MASK_COLOURS["patch"])
+    right.imshow(sees_image, interpolation="nearest")
+    r, c = divmod(query, grid_size)
+    right.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor=MASK_COLOURS["cls"], linewidth=2.5))
+    right.set_xticks(range(grid_size))
+    right.set_yticks(range(grid_size))
+    right.set_title(f"patch {query} (red frame) sees {int(sees.sum())} patches"
+                    f"{' + CLS' if cls_token and allowed[query + 1, 0] else ''}", fontsize=10)
+    return fig
