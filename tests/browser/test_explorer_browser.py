@@ -3,8 +3,11 @@
 JupyterLab is started on 127.0.0.1 (a free port, a fresh token, its settings, workspaces and
 runtime files in a temporary folder), the notebook is opened from a clean copy (no stored outputs,
 so everything seen comes from this run), all cells are run from the Run menu, and the explorer
-panel's rendered image must change when the layer and then the digit change. No cell may show a
-traceback. Screenshots go to test-artifacts/ (page and panel; on failure, failure.png).
+panel's rendered image must change when the layer and then the digit change. The layer slider is
+then moved several times and the median time from the key press to the new image is reported and
+held to LATENCY_MEDIAN_MS. A stroke drawn with the mouse on the drawing pad must produce a 28 x 28
+input and a prediction. No cell may show a traceback. Screenshots go to test-artifacts/ (page and
+panel; on failure, failure.png).
 
 Needs /usr/bin/chromium (Debian's package; a browser is never downloaded). Without it the test
 is skipped, unless VITLAB_REQUIRE_BROWSER=1 (as in CI), where a missing browser is a failure.
@@ -44,6 +47,8 @@ SERVER_START = 60
 PAGE_LOAD = 60
 RUN_ALL = 100
 REDRAW = 30
+LATENCY_MOVES = 7  # layer slider moves timed
+LATENCY_MEDIAN_MS = 150.0  # slider to new image, median, on two CPU cores
 
 
 def _require_browser() -> None:
@@ -209,14 +214,34 @@ def _set_slider(page, name: str, value: int) -> None:
 
 
 def _new_src(image, old: str, timeout: float) -> str:
-    """Wait until the panel's <img> shows other bytes than ``old`` (its src is a data: URL of the PNG)."""
+    """Wait until the panel's <img> shows another image than ``old`` (its src is a blob: URL of the PNG)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         src = image.get_attribute("src")
         if src and src != old:
             return src
-        image.page.wait_for_timeout(250)
+        image.page.wait_for_timeout(50)
     pytest.fail(f"the explorer's image did not change within {timeout} s")
+
+
+_WATCH_SRC = """selector => {
+    const img = document.querySelector(selector);
+    window.__vitlabChanged = null;
+    new MutationObserver(() => { window.__vitlabChanged = performance.now(); })
+        .observe(img, {attributes: true, attributeFilter: ["src"]});
+}"""
+
+
+def _slider_latency_ms(page, name: str, value: int, image_selector: str) -> float:
+    """Type ``value`` into slider ``name``'s readout and return the ms from the Enter key to the image's new src."""
+    readout = page.locator(f".vitlab-explorer-{name} .widget-readout")
+    readout.click()
+    readout.fill(str(value))
+    page.evaluate(_WATCH_SRC, image_selector)
+    start = page.evaluate("performance.now()")
+    readout.press("Enter")
+    page.wait_for_function("() => window.__vitlabChanged !== null", timeout=REDRAW * 1000, polling="raf")
+    return page.evaluate("window.__vitlabChanged") - start
 
 
 def test_explorer_panel_redraws_in_jupyterlab(lab):
@@ -244,12 +269,12 @@ def test_explorer_panel_redraws_in_jupyterlab(lab):
             _wait_until_all_cells_ran(page, RUN_ALL)
             mark("all cells ran")
 
-            panel = page.locator(".vitlab-explorer")
-            image = page.locator(".vitlab-explorer-out img").last  # while redrawing, the old one may linger
+            panel = page.locator(".vitlab-explorer").first
+            image = page.locator("img.vitlab-explorer-out").first
             image.wait_for()
             panel.scroll_into_view_if_needed()
             first = image.get_attribute("src")
-            assert first.startswith("data:image/png;base64,")
+            assert first.startswith("blob:")
             panel.screenshot(path=ARTIFACTS / "explorer_panel_start.png")
 
             _set_slider(page, "layer", 1)
@@ -262,6 +287,37 @@ def test_explorer_panel_redraws_in_jupyterlab(lab):
             mark("redrawn for another digit")
             assert third != first
             assert page.locator(".vitlab-explorer-digit .widget-readout").inner_text().strip() == "7"
+
+            latencies = [_slider_latency_ms(page, "layer", (2 + i) % 6, "img.vitlab-explorer-out")
+                         for i in range(LATENCY_MOVES)]
+            median = sorted(latencies)[len(latencies) // 2]
+            mark(f"layer slider to new image: median {median:.0f} ms over {len(latencies)} moves "
+                 f"({', '.join(f'{t:.0f}' for t in latencies)} ms)")
+            (ARTIFACTS / "explorer_latency.txt").write_text(
+                f"median {median:.1f} ms; moves {[round(t, 1) for t in latencies]}\n")
+            assert median <= LATENCY_MEDIAN_MS, f"median slider-to-image {median:.0f} ms > {LATENCY_MEDIAN_MS} ms"
+
+            pad = page.locator("canvas.vitlab-draw-canvas, .vitlab-draw-canvas canvas").first
+            pad.scroll_into_view_if_needed()
+            result = page.locator(".vitlab-draw-result").first
+            before_text = result.inner_text()
+            digit_image = page.locator("img.vitlab-draw-input-image").first
+            before_src = digit_image.get_attribute("src") or ""
+            box = pad.bounding_box()
+            x, top, bottom = box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.2, box["y"] + box["height"] * 0.8
+            page.mouse.move(x, top)
+            page.mouse.down()
+            page.mouse.move(x, bottom, steps=12)  # a vertical stroke down the middle: a 1
+            page.mouse.up()
+            deadline = time.monotonic() + REDRAW
+            while "prediction:" not in result.inner_text() and time.monotonic() < deadline:
+                page.wait_for_timeout(100)
+            text = result.inner_text()
+            mark(f"drawn: {text}")
+            assert "prediction:" in text and text != before_text
+            after_src = _new_src(digit_image, before_src, REDRAW)
+            assert after_src != before_src
+            page.locator(".vitlab-draw").first.screenshot(path=ARTIFACTS / "drawing_pad.png")
 
             errors = _errors(page)
             assert not errors, "a cell or the panel shows an error:\n" + "\n\n".join(errors)
