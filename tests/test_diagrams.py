@@ -33,7 +33,7 @@ def recorded_shapes(config, prefix=""):
         model(torch.zeros(2, config.in_channels, config.image_size, config.image_size))
     shapes = {}
     for name, shape in rec.shapes:
-        shapes.setdefault(name[len(prefix):] if name.startswith(prefix) else name, tuple(shape[1:]))
+        shapes.setdefault(name.removeprefix(prefix), tuple(shape[1:]))
     return shapes, [name for name, _ in rec.shapes]
 
 

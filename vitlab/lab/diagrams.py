@@ -15,6 +15,7 @@ D model dim, h heads, d head dim, M MLP width, L layers, K classes.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import NamedTuple
 
 from matplotlib.figure import Figure
@@ -47,7 +48,7 @@ def fmt(shape: tuple[int, ...]) -> str:
 
 def _check_config(config) -> ViTConfig:
     if not isinstance(config, ViTConfig):
-        raise ValueError(f"expected a vitlab ViTConfig; got {type(config).__name__}")
+        raise ValueError(f"expected a vitlab ViTConfig; got {type(config).__name__}")  # noqa: TRY004 (as ViT does)
     return config
 
 
@@ -72,7 +73,7 @@ def pipeline_steps(config: ViTConfig) -> list[Step]:
     if c.pool == "cls":
         steps.append(Step("o0", "the class token's output", (D,), "token", "pool"))
     else:
-        steps.append(Step("mean of o1 .. o%d" % n, "the patch tokens' outputs, averaged", (D,), "token", "pool"))
+        steps.append(Step(f"mean of o1 .. o{n}", "the patch tokens' outputs, averaged", (D,), "token", "pool"))
     if c.num_classes:
         steps.append(Step("MLP head", f"Linear(D, K) = Linear({D}, {c.num_classes})", (c.num_classes,), "head",
                           "head"))
@@ -141,7 +142,7 @@ def _box(ax, x: float, y: float, w: float, h: float, step: Step, fontsize: float
 
 
 def _arrow(ax, start: tuple[float, float], end: tuple[float, float], **kwargs) -> None:
-    style = dict(arrowstyle="-|>", mutation_scale=10, color="#444444", linewidth=1.0, shrinkA=0, shrinkB=0)
+    style = {"arrowstyle": "-|>", "mutation_scale": 10, "color": "#444444", "linewidth": 1.0, "shrinkA": 0, "shrinkB": 0}
     style.update(kwargs)
     ax.add_patch(FancyArrowPatch(start, end, **style))
 
@@ -175,7 +176,7 @@ def pipeline_figure(config: ViTConfig) -> Figure:
             x = gap + w / 2 + i * (w + gap)
             _box(ax, x, y, w, h, step)
             centres.append((x, y))
-    for (x0, y0), (x1, y1) in zip(centres, centres[1:]):
+    for (x0, y0), (x1, y1) in pairwise(centres):
         if y0 == y1:
             _arrow(ax, (x0 + w / 2, y0), (x1 - w / 2, y1))
         else:  # from the end of the first row down to the start of the second
@@ -224,7 +225,7 @@ def block_figure(config: ViTConfig) -> Figure:
         ax.text(x, 0.65, title, ha="center", va="center", fontsize=10, weight="bold")
         for step, y in zip(steps, ys):
             _box(ax, x, y, w, h, step)
-        for y0, y1 in zip(ys, ys[1:]):
+        for y0, y1 in pairwise(ys):
             _arrow(ax, (x, y0 - h / 2), (x, y1 + h / 2))
         adds = [i for i, step in enumerate(steps) if step.kind == "add"]
         # each residual starts where its branch starts: the block's input, then the first sum (pre-norm) or

@@ -12,13 +12,14 @@ answer, False otherwise; it never raises on a wrong one, so a learner can try ag
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..model.config import ViTConfig
 from ..model.attention import local_window_mask
+from ..model.config import ViTConfig
 from ..model.patches import conv_to_linear_weight, patchify
 from ..model.toy import length_mask
 
