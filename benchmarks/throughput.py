@@ -140,13 +140,17 @@ def matmul_peak(seconds: float = 2.0, n: int = 1024, dtype: torch.dtype = torch.
 
 
 def round_robin(steps: dict[str, Callable], rounds: int, burst: int) -> dict[str, float]:
-    """Best seconds per call of each function, timed in alternating bursts of ``burst`` calls."""
+    """Best seconds per call of each function, timed in alternating bursts of ``burst`` calls, each after an
+    untimed call."""
     for step in steps.values():  # warm-up (and compilation)
         for _ in range(3):
             step()
     best = {name: float("inf") for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            # One untimed call first: a compiled step leaves its own OpenMP threads spinning for a while,
+            # and without it the model timed next would pay for them.
+            step()
             t = time.perf_counter()
             for _ in range(burst):
                 step()
