@@ -30,7 +30,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..model.attention import Attention
 from ..model.blocks import DropPath
 from ..model.patches import patchify
 from ..model.vit import ViT
@@ -166,10 +165,14 @@ def record(
     handles = []
     try:
         handles.append(model.input.register_forward_pre_hook(start_pass))  # also for forward_features
-        every_step = every_step or keep_all
-        handles += [module.register_forward_hook(step(name)) for name, module in model.named_modules()
-                    if not isinstance(module, SKIPPED) and (name in MAIN_STEPS or module in attend or module in blocks
-                                                            or (every_step and name and name != "input"))]
+        if every_step or keep_all:
+            steps = [(name, m) for name, m in model.named_modules() if name and name != "input"]
+        else:  # looked up by name, not by walking the model's hundred-odd modules: at batch 1 the walk shows
+            steps = [(name, getattr(model, name)) for name in MAIN_STEPS[:3]]
+            for i, block in enumerate(model.blocks):
+                steps += [(f"blocks.{i}.attn.attend", block.attn.attend), (f"blocks.{i}", block)]
+            steps += [(name, getattr(model, name)) for name in MAIN_STEPS[3:]]
+        handles += [m.register_forward_hook(step(name)) for name, m in steps if not isinstance(m, SKIPPED)]
         handles.append(model.register_forward_hook(end_pass))
         yield rec
     finally:
@@ -187,7 +190,7 @@ def _enter(model: ViT) -> None:
             raise RuntimeError("this model is being recorded in another thread; record a copy of it "
                                "(copy.deepcopy(model)) or wait until that recording ends")
         if state is None:
-            attentions = [m for m in model.modules() if isinstance(m, Attention)]
+            attentions = [block.attn for block in model.blocks]
             state = _open[model] = [threading.get_ident(), 0, {m: m.fused for m in attentions}]
             for m in attentions:
                 m.fused = False
