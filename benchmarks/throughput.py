@@ -139,6 +139,9 @@ def matmul_peak(seconds: float = 2.0, n: int = 1024, dtype: torch.dtype = torch.
     return best
 
 
+SETTLE_SECONDS = 0.5  # pause before each timed burst (see round_robin)
+
+
 def round_robin(steps: dict[str, Callable], rounds: int, burst: int) -> dict[str, float]:
     """Best seconds per call of each function, timed in alternating bursts of ``burst`` calls, each after an
     untimed call."""
@@ -148,8 +151,9 @@ def round_robin(steps: dict[str, Callable], rounds: int, burst: int) -> dict[str
     best = {name: float("inf") for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            # One untimed call first: a compiled step leaves its own OpenMP threads spinning for a while,
-            # and without it the model timed next would pay for them.
+            # A pause and one untimed call first: a compiled step leaves the OpenMP threads of its generated
+            # code spinning for a while after it returns, and the model timed next would pay for them.
+            time.sleep(SETTLE_SECONDS)
             step()
             t = time.perf_counter()
             for _ in range(burst):
