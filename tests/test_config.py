@@ -31,8 +31,8 @@ def test_auto_attention_is_explicit_up_to_the_crossover(monkeypatch):
 
 def test_auto_attention_with_the_shipped_crossover():
     assert ViTConfig().fused_attention is False  # 17 tokens: the explicit path
-    assert ViTConfig(image_size=224, patch_size=16, in_channels=3, dim=768, heads=12).fused_attention is False  # 197
-    assert ViTConfig(image_size=384, patch_size=16, in_channels=3, dim=768, heads=12).fused_attention is True  # 577
+    assert ViTConfig(image_size=112, patch_size=16, in_channels=3, dim=768, heads=12).fused_attention is False  # 50
+    assert ViTConfig(image_size=224, patch_size=16, in_channels=3, dim=768, heads=12).fused_attention is True  # 197
     assert ViTConfig(image_size=32, patch_size=1).fused_attention is True  # 1025 tokens
 
 

@@ -17,10 +17,11 @@ FINAL_NORMS = ("tokens", "pooled")
 PATCH_EMBEDS = ("conv", "linear")
 ATTN_IMPLS = ("auto", "fused", "explicit")
 
-# Up to this many tokens "auto" runs the explicit attention, above it F.scaled_dot_product_attention:
-# on a CPU the explicit path is as fast or faster for MNIST's 17 tokens, and the fused one wins for
-# many tokens, where it never forms the (N, N) probabilities (benchmarks/attention_crossover.py).
-EXPLICIT_ATTENTION_MAX_TOKENS = 256
+# Up to this many tokens "auto" runs the explicit attention, above it F.scaled_dot_product_attention.
+# On a 2-core CPU the explicit path took 0.55x the fused one's time at 17 tokens, 0.85x at 101, and
+# 1.89x at 197, where the fused one gains by never forming the (N, N) probabilities
+# (benchmarks/attention_crossover.py, figures in benchmarks/README.md).
+EXPLICIT_ATTENTION_MAX_TOKENS = 128
 
 
 def check_choice(name: str, value, allowed) -> None:
@@ -161,7 +162,7 @@ class ViTConfig:
         "explicit" and "fused" say so; "auto" picks the fused path only above
         ``EXPLICIT_ATTENTION_MAX_TOKENS`` tokens. It depends on the config alone, never on what is
         installed: the default MNIST model (17 tokens) runs the explicit path, a ViT-B/16 at 224 pixels
-        (197 tokens) too, a 384-pixel one (577 tokens) the fused path. ``vitlab.record`` switches every
+        (197 tokens) the fused path. ``vitlab.record`` switches every
         attention to the explicit path while it records, whatever this says."""
         if self.attn_impl == "auto":
             return self.num_tokens > EXPLICIT_ATTENTION_MAX_TOKENS
