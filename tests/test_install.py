@@ -19,8 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-LESSONS = [ROOT / "notebooks" / name for name in ("01_patches.ipynb", "02_cls_and_positions.ipynb",
-                                                   "03_attention.ipynb", "04_dimension_walk.ipynb")]
+LESSONS = NOTEBOOKS  # every notebook opens with the same install cell
 REPOSITORY = "https://github.com/vitlab/vitlab"
 INSTALL_SPEC = f"vitlab @ git+{REPOSITORY}"
 INSTALL_LINE = f'%pip install -q "{INSTALL_SPEC}"'

@@ -3,7 +3,9 @@
 The ```python blocks are executed one by one, each in a fresh namespace, from the repository root; the
 first one's comments (shapes, predictions, the shape trace) are checked against what it computed. Each
 command line of the ```bash blocks is run, or skipped for a reason given in SKIPPED: a new command line
-fails here until it is one or the other.
+fails here until it is one or the other. The two ```text blocks are checked against what they quote: the
+shipped model's training command (``pretrained.TRAIN_COMMAND``, its flags parsed by the command line) and
+the notebooks' first cell (whose install line tests/test_install.py runs).
 """
 
 from __future__ import annotations
@@ -40,7 +42,26 @@ def bash_commands() -> list[str]:
 def test_the_readme_has_the_blocks_this_file_runs():
     assert len(blocks("python")) == 2
     assert bash_commands()[:2] == ["make lab", "make test"]  # the two commands come first
-    assert {lang for lang, _ in BLOCK.findall(README)} == {"python", "bash"}  # no block of another kind
+    assert {lang for lang, _ in BLOCK.findall(README)} == {"python", "bash", "text"}  # no block of another kind
+    assert len(blocks("text")) == 2
+
+
+def test_the_training_command_is_the_shipped_models_and_parses():
+    from vitlab.train import build_parser
+    from vitlab.training.pretrained import TRAIN_COMMAND
+
+    command = " ".join(blocks("text")[0].replace("\\\n", " ").split())
+    assert command == TRAIN_COMMAND
+    args = build_parser().parse_args(command.split()[3:])  # after "python -m vitlab.train"
+    assert (args.epochs, args.seed, args.elastic, args.val_fraction) == (300, 0, 1.0, 0.1)
+
+
+def test_the_colab_cell_is_every_notebooks_first_cell():
+    import json
+
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = [cell for cell in json.loads(notebook.read_text())["cells"] if cell["cell_type"] == "code"]
+        assert blocks("text")[1].strip() in "".join(cells[0]["source"]), notebook.name
 
 
 def test_the_library_in_ten_lines_runs_and_its_comments_hold(monkeypatch, capsys):

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint from python -m vitlab.train or fit")
     parser.add_argument("--data-dir", help="folder with t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz], "
-                        "e.g. ../shared/data/mnist; without it, the test split of vitlab.data.load_mnist()")
+                        "e.g. ../shared/data/mnist; without it, the test split of vitlab.training.data.load_mnist()")
     add(parser, "--threads", number(integer=True, low=1), "torch CPU threads", default_text="torch's choice")
     add(parser, "--batch-size", number(integer=True, low=1), "images per forward pass", default=512)
     parser.add_argument("--debug", action="store_true", help="on a failure, print the traceback too")

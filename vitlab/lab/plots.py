@@ -156,7 +156,7 @@ def predict(model: nn.Module, data, batch_size: int = 512) -> tuple[torch.Tensor
     """dataset -> (predicted (M,), labels (M,)) int64 on the CPU, in the data's order, the model in eval mode.
 
     ``data`` is what ``evaluate`` takes: a ``DigitDataset`` or ``(images, labels)`` (normalised like
-    training by ``vitlab.batches``) or a DataLoader. The model's mode is restored afterwards.
+    training by ``vitlab.training.batches``) or a DataLoader. The model's mode is restored afterwards.
     """
     was_training = model.training
     model.eval()

@@ -1,8 +1,8 @@
 """Training: one epoch of AdamW steps, evaluation, and ``fit``, which runs the whole recipe.
 
 Every mean that comes back (loss, accuracy) is weighted by batch size, so a smaller last batch counts
-for its images and no more. In-memory data is batched by ``vitlab.batches``; a DataLoader is used as it
-is. How a time budget becomes a schedule is told in ``vitlab.budget``.
+for its images and no more. In-memory data is batched by ``vitlab.training.batches``; a DataLoader is used as it
+is. How a time budget becomes a schedule is told in ``vitlab.training.budget``.
 """
 
 from __future__ import annotations
@@ -296,12 +296,12 @@ def fit(
     data_source: str | dict | None = None,
     eval_batch_size: int = 512,
 ) -> History:
-    """Train ``model`` in place on ``train`` -> History (see ``vitlab.history``); the model ends in eval mode.
+    """Train ``model`` in place on ``train`` -> History (see ``vitlab.training.history``); the model ends in eval mode.
 
     ``train`` / ``val``: in-memory data (``DigitDataset``, ``(images, labels)``) or a DataLoader (see
-    ``vitlab.batches``; ``augment`` applies to in-memory data only). The run ends after ``epochs``
+    ``vitlab.training.batches``; ``augment`` applies to in-memory data only). The run ends after ``epochs``
     epochs or when ``time_budget`` seconds are spent, whichever comes first; give at least one (a
-    budget is planned into a number of steps, see ``vitlab.budget``). The recipe: AdamW, no decay on
+    budget is planned into a number of steps, see ``vitlab.training.budget``). The recipe: AdamW, no decay on
     biases, norms, CLS token and position embeddings; a linear warmup to ``lr`` over the first
     ``warmup`` fraction of the steps, then a cosine down to 0 at the last; cross-entropy with
     ``label_smoothing``; gradient norm clipped at ``clip_grad`` (None: not clipped); with ``augment``, a random

@@ -18,7 +18,7 @@ TRAIN_COMMAND = (
 
 
 def load_pretrained_mnist() -> ViT:
-    """-> the packaged MNIST ViT, in eval mode; it expects images normalised by ``vitlab.data.normalize_batch``.
+    """-> the packaged MNIST ViT, in eval mode; it expects images normalised by ``vitlab.training.data.normalize_batch``.
 
     Read from ``vitlab/weights/mnist_vit.pt`` through ``importlib.resources``, so it works from an
     installed package and from an editable checkout alike, and loaded safely (``load_checkpoint``).
