@@ -21,6 +21,7 @@ from vitlab.evaluate import main as evaluate_main
 from vitlab.inside.explain import attention_rollout
 from vitlab.inside.interop import from_state_dict
 from vitlab.inside.record import record
+from vitlab.lab.plots import plot_accuracy
 from vitlab.model.patches import patchify, unpatchify
 from vitlab.model.vit import ViT
 from vitlab.train import main as train_main
@@ -184,6 +185,9 @@ ROWS = [
         ValueError, "head_fusion must be one of ('mean', 'max', 'min'); got 'median'"),
     row("rollout discarding everything", lambda t: attention_rollout(torch.ones(1, 1, 1, 5, 5), discard_ratio=1.0),
         ValueError, "discard_ratio must be in [0, 1); got 1.0"),
+    # --- plots -----------------------------------------------------------------------------------------
+    row("accuracy curves against epochs", lambda t: plot_accuracy({}, x="epochs"), ValueError,
+        "expected x to be one of 'step', 'images', 'time'; got 'epochs'"),
     # --- fit: every argument's range, before any work ------------------------------------------------
     row("fit a state dict", lambda t: fit(tiny_vit().state_dict(), DATA, **FAST), ValueError,
         "model must be a torch.nn.Module, e.g. a vitlab.ViT; got OrderedDict"),

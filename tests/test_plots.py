@@ -14,7 +14,7 @@ from vitlab.lab.plots import (
     confusion_matrix,
     per_class_accuracy,
     per_class_table,
-    plot_accuracy_vs_time,
+    plot_accuracy,
     plot_confusion_matrix,
     plot_history,
     plot_misclassified,
@@ -79,14 +79,24 @@ def test_finish_without_any_epoch_draws_nothing():
     assert live.redraws == 0
 
 
-def test_accuracy_vs_time_has_one_line_per_run_on_the_time_axis():
+@pytest.mark.parametrize("x, expected, label", [
+    ("step", [4, 8, 12], "optimizer steps"),
+    ("images", [64, 128, 192], "training images seen"),  # the running sum of n_train
+    ("time", [0.4, 0.8, 1.2], "training time (s)"),
+])
+def test_plot_accuracy_has_one_line_per_run_on_the_axis_asked_for(x, expected, label):
     a, b = _history(), _history(epochs=2)
-    fig = plot_accuracy_vs_time({"a": a, "b": b})
+    fig = plot_accuracy({"a": a, "b": b}, x=x)
     ax = fig.axes[0]
     assert [line.get_label() for line in ax.lines] == ["a", "b"]
-    np.testing.assert_allclose(ax.lines[0].get_xdata(), [0.4, 0.8, 1.2])
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), expected)
     np.testing.assert_allclose(ax.lines[1].get_ydata(), [0.25, 0.5])
-    assert ax.get_xlabel() == "training time (s)"
+    assert ax.get_xlabel() == label
+
+
+def test_plot_accuracy_refuses_an_unknown_axis():
+    with pytest.raises(ValueError, match=r"expected x to be one of 'step', 'images', 'time'; got 'epochs'"):
+        plot_accuracy({"a": _history()}, x="epochs")
 
 
 def test_confusion_matrix_counts_true_rows_and_predicted_columns():

@@ -3,6 +3,7 @@
     live = LivePlot()                                  # a fit callback: redraws after each epoch, in place
     history = fit(model, train, val, time_budget=120, callback=live)
     display(plot_history(history))                     # loss, accuracy and learning rate against the step
+    display(plot_accuracy({"run": history}, x="images"))  # validation accuracy: one line per run
     predicted, labels = predict(model, test)
     matrix = confusion_matrix(predicted, labels)        # (K, K): rows the true class, columns the prediction
     print(per_class_table(matrix))
@@ -18,6 +19,7 @@ Legend: M images, B batch, H/W height/width, K classes.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import time
 from typing import Callable, Mapping
@@ -127,20 +129,33 @@ class LivePlot:
         self._last_draw = self.clock()
 
 
-def plot_accuracy_vs_time(
-    runs: Mapping[str, History], column: str = "val_accuracy", ax=None, title: str | None = None
-) -> Figure:
-    """{name: History} -> Figure: ``column`` of each run's epoch rows against their ``time`` (seconds), one line each.
+ACCURACY_AXES = {  # plot_accuracy's x: what each epoch row is placed at, and the axis label
+    "step": "optimizer steps",
+    "images": "training images seen",
+    "time": "training time (s)",
+}
 
-    Each run's epoch rows need ``time`` and ``column``; a line starts where its run was first measured.
-    Draws on ``ax`` when given (and returns its figure), else on a new figure.
+
+def plot_accuracy(
+    runs: Mapping[str, History], x: str = "step", column: str = "val_accuracy", ax=None, title: str | None = None
+) -> Figure:
+    """{name: History} -> Figure: ``column`` of each run's epoch rows against ``x``, one line per run.
+
+    ``x`` is "step" (the optimizer steps so far), "images" (the training images seen so far: the running
+    sum of ``n_train``) or "time" (seconds of training). Steps and images do not depend on the machine;
+    time does. Each run's epoch rows need ``step``, ``n_train`` or ``time``, and ``column``. Draws on ``ax``
+    when given (and returns its figure), else on a new figure.
     """
+    if x not in ACCURACY_AXES:
+        raise ValueError(f"expected x to be one of {', '.join(map(repr, ACCURACY_AXES))}; got {x!r}")
     if ax is None:
         fig = Figure(figsize=(6, 3.8), layout="constrained")
         ax = fig.subplots()
     for name, history in runs.items():
-        ax.plot(history.epoch_column("time"), history.epoch_column(column), "o-", ms=3, label=name)
-    ax.set(xlabel="training time (s)", ylabel=column.replace("_", " "), ylim=(0, 1))
+        where = list(itertools.accumulate(history.epoch_column("n_train"))) if x == "images" else \
+            history.epoch_column(x)
+        ax.plot(where, history.epoch_column(column), "o-", ms=3, label=name)
+    ax.set(xlabel=ACCURACY_AXES[x], ylabel=column.replace("_", " "), ylim=(0, 1))
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
