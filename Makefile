@@ -20,9 +20,8 @@ $(STAMP): pyproject.toml requirements.txt
 lab: setup
 	$(BIN)/python -m jupyterlab --ServerApp.ip=127.0.0.1 $$([ "$$(id -u)" -eq 0 ] && echo --allow-root) notebooks/
 
-# VITLAB_FAST=1: the training notebook trains a few steps on a tiny subset, so nbval stays quick.
 test: setup
-	PATH="$(abspath $(BIN)):$$PATH" VITLAB_FAST=1 $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
 
 benchmarks: setup
 	$(BIN)/python benchmarks/throughput.py
