@@ -25,6 +25,7 @@ from vitlab.lab.explorer import (  # noqa: E402
     load_photo_vit,
     naive_attend_hook,
     photo_batch,
+    view_labels,
     view_maps,
 )
 
@@ -373,3 +374,12 @@ def test_load_photo_vit_uses_a_cached_timm_model(tmp_path, monkeypatch):
     x, _ = photo_batch(np.zeros((40, 40, 3), dtype=np.uint8), size=160, mean=photo.mean, std=photo.std)
     with torch.no_grad():
         assert_close(photo.model(x), peer(x), atol=1e-4, rtol=1e-4)
+
+
+def test_view_labels_name_the_heads_drawn_and_the_view():
+    assert view_labels("cls", 2, ALL_HEADS, 4) == (
+        [0, 1, 2, 3], ["head 0", "head 1", "head 2", "head 3"], "layer 2, all heads: CLS → patches")
+    assert view_labels("query", 0, 3, 4, what="query patch (row 1, col 2)") == (
+        [3], ["head 3"], "layer 0, head 3: query patch (row 1, col 2)")
+    assert view_labels("rollout", 5, 0, 4, "max", 0.25) == (
+        [], ["max over heads, discard 0.25"], "attention rollout through all layers: what reaches CLS")

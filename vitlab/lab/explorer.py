@@ -162,6 +162,18 @@ def cls_self_share(attentions: torch.Tensor, layer: int) -> torch.Tensor:
     return attentions[layer, :, 0, 0]
 
 
+def view_labels(view: str, layer: int, head: int | str, num_heads: int, head_fusion: str = "mean",
+                discard_ratio: float = 0.0, what: str | None = None) -> tuple[list[int], list[str], str]:
+    """-> (heads drawn, one title per map, heading) for ``view_maps``'s settings; ``what`` names the view in
+    the heading (default ``VIEW_LABELS[view]``). The figure and the panel add what each shows of CLS."""
+    if view == "rollout":
+        return [], [f"{head_fusion} over heads, discard {discard_ratio:.2f}"], \
+            "attention rollout through all layers: what reaches CLS"
+    heads = list(range(num_heads)) if head == ALL_HEADS else [head]
+    heading = f"layer {layer}, {'all heads' if head == ALL_HEADS else f'head {head}'}: {what or VIEW_LABELS[view]}"
+    return heads, [f"head {k}" for k in heads], heading
+
+
 def _draw_maps(fig: Figure, picture: np.ndarray, maps: torch.Tensor, view: str, titles: list[str],
                query: int | None, scale: str = "shared") -> None:
     """Draw the k maps in a grid on the left 62% of ``fig`` (a fixed layout: no layout engine, so redraws are fast).
@@ -421,18 +433,11 @@ class AttentionExplorer:
         maps = self.maps(index, view, layer, head, query, head_fusion, discard_ratio)
         probs = self.recorded(index).probs
         fig = fig if fig is not None else Figure(figsize=(9, 4.2))
-        heads = range(self.num_heads) if head == ALL_HEADS else [head]
-        if view == "rollout":
-            titles = [f"{head_fusion} over heads, discard {discard_ratio:.2f}"]
-            heading = "attention rollout through all layers: what reaches CLS"
-        else:
-            titles = [f"head {k}" for k in heads]
-            if view == "cls":
-                share = cls_self_share(self.recorded(index).attentions, layer)
-                titles = [f"{title}, CLS\u2192CLS {float(share[k]):.2f}" for title, k in zip(titles, heads)]
-            what = f"query patch (row {query // self.grid_size}, col {query % self.grid_size})" \
-                if view == "query" else VIEW_LABELS[view]
-            heading = f"layer {layer}, {'all heads' if head == ALL_HEADS else f'head {head}'}: {what}"
+        what = f"query patch (row {query // self.grid_size}, col {query % self.grid_size})" if view == "query" else None
+        heads, titles, heading = view_labels(view, layer, head, self.num_heads, head_fusion, discard_ratio, what)
+        if view == "cls":
+            share = cls_self_share(self.recorded(index).attentions, layer)
+            titles = [f"{title}, CLS\u2192CLS {float(share[k]):.2f}" for title, k in zip(titles, heads)]
         _draw_maps(fig, self.picture(index), maps, view, titles, query if view == "query" else None, scale)
         fig.text(0.33, 0.97, f"#{index}  {heading}", ha="center", va="top", fontsize=10)
         label = None if self.labels is None else int(self.labels[index])
@@ -556,13 +561,10 @@ class ExplorerPanel(widgets.VBox):
         self.fusion.disabled = self.discard.disabled = view != "rollout"
         index, layer, head = self.digit.value, self.layer.value, self.head.value
         maps = explorer.maps(index, view, layer, head, self.query.value, self.fusion.value, self.discard.value)
-        heads = range(explorer.num_heads) if head == ALL_HEADS else [head]
+        heads, titles, heading = view_labels(view, layer, head, explorer.num_heads, self.fusion.value,
+                                             self.discard.value)
         if view == "rollout":
-            titles = [f"{self.fusion.value} over heads, discard {self.discard.value:.2f}"]
-            heading = "attention rollout through all layers: what reaches CLS (its own share left out)"
-        else:
-            titles = [f"head {k}" for k in heads]
-            heading = f"layer {layer}, {'all heads' if head == ALL_HEADS else f'head {head}'}: {VIEW_LABELS[view]}"
+            heading += " (its own share left out)"
         if view == "cls":
             share = cls_self_share(explorer.recorded(index).attentions, layer)
             heading += "; CLS\u2192CLS (not drawn): " + ", ".join(f"head {k} {float(share[k]):.2f}" for k in heads)
